@@ -1,0 +1,176 @@
+"""Building blocks: RMSNorm, embeddings, RoPE with YaRN, SwiGLU MLP.
+
+Dimension legend: B batch, T time, D model width, F feed-forward width, V vocabulary,
+H heads, R rotary dims (even), ... any leading dims.
+
+Parameters are float32 and carry logical axis names (DESIGN.md: embed, heads, kv_lora, mlp,
+expert, vocab) so `sharding.py` can place them; activations run in `config.dtype`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig, RopeScaling
+
+DEFAULT_INIT_STD = 0.02
+
+
+def param_with_axes(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[Optional[str]],
+                    init=None) -> jax.Array:
+    """A float32 parameter annotated with logical axis names (no-op without a mesh)."""
+    init = init or nn.initializers.normal(DEFAULT_INIT_STD)
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32)
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+    """Activation sharding hint by logical names; a no-op outside a mesh + rules context."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+class RMSNorm(nn.Module):
+    """y = scale * x / sqrt(mean(x^2) + eps), statistics in float32 (as the reference code)."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param_with_axes(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+class Embed(nn.Module):
+    vocab_size: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+        table_VxD = param_with_axes(self, "embedding", (self.vocab_size, self.features), ("vocab", "embed"))
+        return jnp.take(table_VxD, tokens_BxT, axis=0).astype(self.dtype)
+
+    def attend(self, h_BxTxD: jax.Array) -> jax.Array:
+        """Tied output head: float32 logits h @ embedding^T."""
+        table_VxD = param_with_axes(self, "embedding", (self.vocab_size, self.features), ("vocab", "embed"))
+        return jnp.einsum("btd,vd->btv", h_BxTxD, table_VxD.astype(h_BxTxD.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Dense(nn.Module):
+    """x @ W for a kernel of any rank: contracts the last `len(in_shape)` dims of x."""
+
+    in_shape: Sequence[int]
+    out_shape: Sequence[int]
+    axes: Sequence[Optional[str]]
+    dtype: jnp.dtype = jnp.float32
+    out_dtype: Optional[jnp.dtype] = None  # default: dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = param_with_axes(self, "kernel", (*self.in_shape, *self.out_shape), self.axes)
+        n_in = len(self.in_shape)
+        batch_dims = tuple(range(x.ndim - n_in, x.ndim))
+        return jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype),
+            ((batch_dims, tuple(range(n_in))), ((), ())),
+            preferred_element_type=jnp.float32,
+        ).astype(self.out_dtype or self.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    hidden_size: int
+    intermediate_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        D, F = self.hidden_size, self.intermediate_size
+        gate = Dense((D,), (F,), ("embed", "mlp"), self.dtype, name="gate_proj")(x_BxTxD)
+        up = Dense((D,), (F,), ("embed", "mlp"), self.dtype, name="up_proj")(x_BxTxD)
+        h_BxTxF = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return Dense((F,), (D,), ("mlp", "embed"), self.dtype, name="down_proj")(h_BxTxF)
+
+
+# ----- rotary position embeddings ----------------------------------------------------------
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature correction: 0.1 * m * ln(s) + 1 (1 for s <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: Optional[RopeScaling]) -> tuple[jax.Array, float]:
+    """Inverse frequencies [dim/2] and the cos/sin multiplier ("attention factor").
+
+    Without scaling: theta^(-2i/dim). With YaRN (arXiv:2309.00071 eq. 18-19): high-frequency
+    dims keep their frequency (extrapolation), low-frequency dims are divided by `factor`
+    (interpolation), with a linear ramp between the correction dims for beta_fast / beta_slow.
+    """
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    pos_freqs = jnp.asarray(theta, jnp.float32) ** exponents
+    inv_extrapolation = 1.0 / pos_freqs
+    if scaling is None:
+        return inv_extrapolation, 1.0
+    s = scaling
+    inv_interpolation = 1.0 / (s.factor * pos_freqs)
+
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(s.original_max_position_embeddings / (num_rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(s.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(s.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+    extrapolation_weight = 1.0 - ramp
+    inv_freq = inv_interpolation * (1 - extrapolation_weight) + inv_extrapolation * extrapolation_weight
+    # The cos/sin multiplier: the ratio of the two mscales (1.0 for DeepSeek, where they are equal);
+    # the remaining mscale_all_dim^2 goes into the softmax scale (see `softmax_scale`).
+    if s.mscale and s.mscale_all_dim:
+        attention_factor = yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+    else:
+        attention_factor = yarn_mscale(s.factor)
+    return inv_freq, attention_factor
+
+
+def softmax_scale(head_dim: int, scaling: Optional[RopeScaling]) -> float:
+    """1/sqrt(d), times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek-V2/V3 MLA)."""
+    scale = head_dim ** -0.5
+    if scaling is not None and scaling.mscale_all_dim:
+        scale *= yarn_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
+    return scale
+
+
+def rope_cos_sin(positions_BxT: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, R/2] in float32, already multiplied by the YaRN attention factor."""
+    inv_freq, factor = rope_inv_freq(config.rope_dim, config.rope_theta, config.rope_scaling)
+    angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
+
+
+def apply_rope(x_BxTxHxR: jax.Array, cos_BxTxR2: jax.Array, sin_BxTxR2: jax.Array,
+               interleave: bool) -> jax.Array:
+    """Rotate pairs of dims by position.
+
+    interleave=True pairs (x0, x1), (x2, x3), ... (DeepSeek checkpoints); False pairs the two
+    halves (x_i, x_{i+R/2}) (Llama). Both return the rotated pairs in half layout
+    [x1', x2']: q and k are permuted identically, so q.k is unchanged.
+    """
+    if interleave:
+        x1, x2 = x_BxTxHxR[..., 0::2], x_BxTxHxR[..., 1::2]
+    else:
+        half = x_BxTxHxR.shape[-1] // 2
+        x1, x2 = x_BxTxHxR[..., :half], x_BxTxHxR[..., half:]
+    cos = cos_BxTxR2[:, :, None, :]
+    sin = sin_BxTxR2[:, :, None, :]
+    x1, x2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxR.dtype)

@@ -1,0 +1,150 @@
+"""The DeepSeek Transformer (V1 dense, V2/V3 MLA + MoE) with Multi-Token Prediction modules.
+
+Dimension legend: B batch, T time, D model width, V vocabulary, L layers, E routed experts.
+
+Usage:
+    model = Transformer(config)
+    params = model.init(rng, tokens)["params"]
+    out = model.apply({"params": params}, tokens)      # out.logits [B, T, V]
+
+Parameter tree (names chosen to map one to one onto the Hugging Face checkpoints):
+    embed/embedding [V, D]
+    layers_{i}/attn_norm, attn/{q_proj | q_a_proj, q_a_norm, q_b_proj}, kv_a_proj, kv_a_norm,
+               kv_b_proj [C, H, N+A], o_proj [H, A, D]     (MLA; MHA has q/k/v/o_proj)
+              mlp_norm, mlp/{gate_proj, up_proj, down_proj}                       (dense)
+                        mlp/{router [D, E], e_score_correction_bias [E],
+                             gate_proj [E, D, F], up_proj, down_proj, shared_experts/...}  (MoE)
+    final_norm, lm_head/kernel [D, V]
+    mtp_{k}/enorm, hnorm, eh_proj [2D, D], block/..., final_norm   (V3 §2.2)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.attention import MHA, MLA, attention_mask
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import MLP, Dense, Embed, RMSNorm, constrain, rope_cos_sin
+from deepseek_jax.moe import MoE
+from deepseek_jax.outputs import ModelOutput, MoEStats
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + Attn(norm(x)), then + FFN(norm(.)) (MLP or MoE)."""
+
+    config: ModelConfig
+    moe: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxD, cos, sin, mask, valid_BxT):
+        c = self.config
+        attn_cls = MLA if c.attention == "mla" else MHA
+        h = attn_cls(c, name="attn")(RMSNorm(c.rms_norm_eps, name="attn_norm")(x_BxTxD), cos, sin, mask)
+        x_BxTxD = constrain(x_BxTxD + h, ("batch", "length", "embed"))
+        y = RMSNorm(c.rms_norm_eps, name="mlp_norm")(x_BxTxD)
+        if self.moe:
+            y, stats = MoE(c, name="mlp")(y, valid_BxT)
+        else:
+            y, stats = MLP(c.hidden_size, c.intermediate_size, jnp.dtype(c.dtype), name="mlp")(y), None
+        return constrain(x_BxTxD + y, ("batch", "length", "embed")), stats
+
+
+def _block_cls(config: ModelConfig):
+    if config.remat == "none":
+        return Block
+    policy = None if config.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    return nn.remat(Block, policy=policy, static_argnums=())
+
+
+class MTPModule(nn.Module):
+    """One Multi-Token Prediction depth (DeepSeek-V3 §2.2, eq. 21-23).
+
+    h'_i = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], then one Transformer block. The
+    concatenation order (embedding first) is the released checkpoints' (`eh_proj`), as run by
+    vLLM and SGLang; the paper's equation lists the hidden state first.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_prev_BxTxD, emb_next_BxTxD, cos, sin, mask, valid_BxT):
+        c = self.config
+        D = c.hidden_size
+        e = RMSNorm(c.rms_norm_eps, name="enorm")(emb_next_BxTxD)
+        h = RMSNorm(c.rms_norm_eps, name="hnorm")(h_prev_BxTxD)
+        h = Dense((2 * D,), (D,), ("mlp", "embed"), jnp.dtype(c.dtype), name="eh_proj")(
+            jnp.concatenate([e, h], axis=-1))
+        h, stats = _block_cls(c)(c, c.is_moe, name="block")(h, cos, sin, mask, valid_BxT)
+        return h, RMSNorm(c.rms_norm_eps, name="final_norm")(h), stats
+
+
+def _stack_stats(stats: list) -> Optional[MoEStats]:
+    stats = [s for s in stats if s is not None]
+    if not stats:
+        return None
+    return MoEStats(
+        counts=jnp.stack([s["counts"] for s in stats]), probs=jnp.stack([s["probs"] for s in stats]),
+        router_z=jnp.stack([s["router_z"] for s in stats]), tokens=stats[0]["tokens"],
+        dropped=jnp.stack([s["dropped"] for s in stats]))
+
+
+def shift_left(x_BxT: jax.Array, fill: int = 0) -> jax.Array:
+    """x[:, t + 1] at position t (the last position gets `fill`)."""
+    return jnp.concatenate([x_BxT[:, 1:], jnp.full_like(x_BxT[:, :1], fill)], axis=1)
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT: jax.Array, positions: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None) -> ModelOutput:
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        B, T = tokens_BxT.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        valid_BxT = None if segment_ids is None else segment_ids != 0
+        cos, sin = rope_cos_sin(positions, c)
+        mask = attention_mask(segment_ids, T)
+
+        embed = Embed(c.vocab_size, c.hidden_size, dt, name="embed")
+        x = constrain(embed(tokens_BxT), ("batch", "length", "embed"))
+        block_cls = _block_cls(c)
+        stats = []
+        for i in range(c.num_hidden_layers):
+            x, s = block_cls(c, c.is_moe_layer(i), name=f"layers_{i}")(x, cos, sin, mask, valid_BxT)
+            stats.append(s)
+        h = RMSNorm(c.rms_norm_eps, name="final_norm")(x)
+        if c.tie_word_embeddings:
+            head = embed.attend
+        else:  # float32 logits, accumulated in float32 whatever the activation dtype
+            head = Dense((c.hidden_size,), (c.vocab_size,), ("embed", "vocab"), dt, jnp.float32, name="lm_head")
+        logits = head(h)
+
+        mtp_logits = []
+        h_prev, next_tokens = h, tokens_BxT
+        for k in range(c.num_mtp_layers):
+            # Depth k+1 at position i sees token t_{i+k+1} and predicts t_{i+k+2}; the embedding
+            # and output head are shared with the main model.
+            next_tokens = shift_left(next_tokens)
+            h_prev, h_out, s = MTPModule(c, name=f"mtp_{k}")(h_prev, embed(next_tokens), cos, sin, mask,
+                                                             valid_BxT)
+            stats.append(s)
+            mtp_logits.append(head(h_out))
+        return ModelOutput(
+            logits=logits,
+            mtp_logits=jnp.stack(mtp_logits) if mtp_logits else None,
+            moe=_stack_stats(stats),
+            hidden=h,
+        )
+
+
+def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, length: int = 8):
+    """Unboxed float32 parameters (logical axis metadata stripped)."""
+    model = Transformer(config)
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    return nn.meta.unbox(model.init(rng, tokens)["params"])
