@@ -50,15 +50,17 @@ class Embed(nn.Module):
     features: int
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        # In setup, not @compact: `attend` (the tied output head) reads the same table.
+        self.embedding = param_with_axes(self, "embedding", (self.vocab_size, self.features),
+                                         ("vocab", "embed"))
+
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-        table_VxD = param_with_axes(self, "embedding", (self.vocab_size, self.features), ("vocab", "embed"))
-        return jnp.take(table_VxD, tokens_BxT, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding, tokens_BxT, axis=0).astype(self.dtype)
 
     def attend(self, h_BxTxD: jax.Array) -> jax.Array:
         """Tied output head: float32 logits h @ embedding^T."""
-        table_VxD = param_with_axes(self, "embedding", (self.vocab_size, self.features), ("vocab", "embed"))
-        return jnp.einsum("btd,vd->btv", h_BxTxD, table_VxD.astype(h_BxTxD.dtype),
+        return jnp.einsum("btd,vd->btv", h_BxTxD, self.embedding.astype(h_BxTxD.dtype),
                           preferred_element_type=jnp.float32)
 
 
