@@ -141,3 +141,18 @@ def test_yarn_mscale_and_softmax_scale():
     cos, _ = rope_cos_sin(jnp.zeros((1, 1), jnp.int32), _config(True, 16, plain))
     np.testing.assert_allclose(np.asarray(cos), 0.1 * np.log(4.0) + 1, rtol=1e-6)
     assert softmax_scale(16, plain) == pytest.approx(0.25)
+
+
+def test_tied_embeddings_share_the_table_with_the_head():
+    """tie_word_embeddings: no lm_head, logits = final hidden @ embedding^T."""
+    import jax.numpy as jnp
+
+    from deepseek_jax.config import ModelConfig
+    from deepseek_jax.model import Transformer, init_params
+
+    c = ModelConfig(attention="mha", tie_word_embeddings=True)
+    params = init_params(c, jax.random.key(0))
+    assert "lm_head" not in params
+    out = Transformer(c).apply({"params": params}, jnp.arange(6, dtype=jnp.int32)[None])
+    want = np.asarray(out.hidden) @ np.asarray(params["embed"]["embedding"]).T
+    np.testing.assert_allclose(np.asarray(out.logits), want, rtol=1e-5, atol=1e-5)
