@@ -10,6 +10,7 @@ temperature sqrt(1/t) = 0.1 ln s + 1 (eq. 22), generalised by DeepSeek to 0.1 m 
 """
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -145,9 +146,6 @@ def test_yarn_mscale_and_softmax_scale():
 
 def test_tied_embeddings_share_the_table_with_the_head():
     """tie_word_embeddings: no lm_head, logits = final hidden @ embedding^T."""
-    import jax.numpy as jnp
-
-    from deepseek_jax.config import ModelConfig
     from deepseek_jax.model import Transformer, init_params
 
     c = ModelConfig(attention="mha", tie_word_embeddings=True)
