@@ -7,6 +7,14 @@ N no-RoPE q/k dims (qk_nope_head_dim), R RoPE dims (qk_rope_head_dim), A value d
 MLA (DeepSeek-V2 §2.1, eq. 9-19): keys and values come from a shared latent
 c_kv = RMSNorm(W_DKV x) [C] plus one decoupled RoPE key k_pe = RoPE(W_KR x) [R] shared by all
 heads; the training path up-projects the latent to per-head k_nope [N] and v [A].
+
+Generation (`cache=` a per-layer dict from `kv_cache`, with the slot `index` and the cache
+mask): new tokens are written into the cache first, then attend over every slot. MLA caches
+only (c_kv, RoPE(k_pe)) and by default decodes ABSORBED (V2 §2.1.2, DeepSeek's reference
+`attn_impl="absorb"`): W_UK is folded into the query, q_nope W_UK^T [C], so scores are taken
+against the latent directly, and W_UV is applied after the probability-weighted latent sum,
+so per-head keys and values are never materialised. `absorbed=False` expands K/V from the
+cached latent instead (the naive decode: test oracle and benchmark baseline).
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import kv_cache
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Dense, RMSNorm, apply_rope, constrain, softmax_scale
 
@@ -46,7 +55,9 @@ class MHA(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, cos, sin, mask):
+    def __call__(self, x_BxTxD, cos, sin, mask, cache=None, index=None, absorbed=True):
+        """Returns y [B, T, D], or (y, updated layer cache) when `cache` is given."""
+        del absorbed  # MLA-only choice; accepted so Block can call either attention alike
         c = self.config
         dt = jnp.dtype(c.dtype)
         D, H, G, K = c.hidden_size, c.num_attention_heads, c.kv_heads, c.mha_head_dim
@@ -55,14 +66,33 @@ class MHA(nn.Module):
         v = Dense((D,), (G, K), ("embed", "kv_heads", "head_dim"), dt, name="v_proj")(x_BxTxD)
         q = apply_rope(q, cos, sin, c.rope_interleave)
         k = apply_rope(k, cos, sin, c.rope_interleave)
+        o_proj = Dense((H, K), (D,), ("heads", "head_dim", "embed"), dt, name="o_proj")
+        if cache is not None:
+            axes = ("batch", "length", "kv_heads", "head_dim")  # rows stay with their data shard
+            cache = {"k": constrain(kv_cache.write(cache["k"], k, index), axes),
+                     "v": constrain(kv_cache.write(cache["v"], v, index), axes)}
+            out = grouped_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), mask, softmax_scale(K, None))
+            return o_proj(out), cache
         k, v = jnp.repeat(k, H // G, axis=2), jnp.repeat(v, H // G, axis=2)
         out = dot_product_attention(q, k, v, mask, softmax_scale(K, None))
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return Dense((H, K), (D,), ("heads", "head_dim", "embed"), dt, name="o_proj")(out)
+        return o_proj(out)
+
+
+def grouped_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale: float) -> jax.Array:
+    """GQA over cached keys without repeating them H/G times (J = H/G queries per kv head)."""
+    B, T, H, K = q_BxTxHxK.shape
+    G = k_BxSxGxK.shape[2]
+    q_BxTxGxJxK = q_BxTxHxK.reshape(B, T, G, H // G, K)
+    logits = jnp.einsum("btgjk,bsgk->bgjts", q_BxTxGxJxK, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask_Bx1xTxS[:, :, None], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxK.dtype)
+    out = jnp.einsum("bgjts,bsgk->btgjk", probs, v_BxSxGxK, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, K).astype(v_BxSxGxK.dtype)
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention, training path (full sequence, no cache)."""
+    """Multi-head Latent Attention: training path, and cached prefill / decode (absorbed or naive)."""
 
     config: ModelConfig
 
@@ -100,8 +130,44 @@ class MLA(nn.Module):
             "o_proj", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("heads", "head_dim", "embed")),
             (c.num_attention_heads, c.v_head_dim, c.hidden_size), jnp.float32)
 
+    def expanded_attention(self, q_nope, q_pe, ckv_BxSxC, k_pe_BxSxR, mask):
+        """Per-head K/V up-projected from the latent, then plain attention -> [B, T, H, A]."""
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        N = c.qk_nope_head_dim
+        kv = jnp.einsum("btc,chk->bthk", ckv_BxSxC, self.kv_up_kernel().astype(dt),
+                        preferred_element_type=jnp.float32).astype(dt)
+        k_nope, v_BxSxHxA = kv[..., :N], kv[..., N:]
+        k_BxSxHx_ = jnp.concatenate(
+            [k_nope, jnp.broadcast_to(k_pe_BxSxR[:, :, None, :], k_nope.shape[:3] + (c.qk_rope_head_dim,))], axis=-1)
+        q_BxTxHx_ = jnp.concatenate([q_nope, q_pe], axis=-1)
+        q_BxTxHx_ = constrain(q_BxTxHx_, ("batch", "length", "heads", "head_dim"))
+        k_BxSxHx_ = constrain(k_BxSxHx_, ("batch", "length", "heads", "head_dim"))
+        return dot_product_attention(q_BxTxHx_, k_BxSxHx_, v_BxSxHxA, mask,
+                                     softmax_scale(c.qk_head_dim, c.rope_scaling))
+
+    def absorbed_attention(self, q_nope_BxTxHxN, q_pe_BxTxHxR, ckv_BxSxC, k_pe_BxSxR, mask):
+        """Attention over the latent itself (V2 §2.1.2): q_nope.k_nope = (q_nope W_UK^T).c_kv and
+        sum_s p_s v_s = (sum_s p_s c_kv_s) W_UV, so no per-head K/V over the S slots -> [B, T, H, A]."""
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        N = c.qk_nope_head_dim
+        w_CxHxNA = self.kv_up_kernel().astype(dt)
+        w_uk_CxHxN, w_uv_CxHxA = w_CxHxNA[..., :N], w_CxHxNA[..., N:]
+        q_lat_BxTxHxC = jnp.einsum("bthn,chn->bthc", q_nope_BxTxHxN, w_uk_CxHxN,
+                                   preferred_element_type=jnp.float32).astype(dt)
+        logits_BxHxTxS = (
+            jnp.einsum("bthc,bsc->bhts", q_lat_BxTxHxC, ckv_BxSxC, preferred_element_type=jnp.float32)
+            + jnp.einsum("bthr,bsr->bhts", q_pe_BxTxHxR, k_pe_BxSxR, preferred_element_type=jnp.float32)
+        ) * softmax_scale(c.qk_head_dim, c.rope_scaling)
+        logits_BxHxTxS = jnp.where(mask, logits_BxHxTxS, -jnp.inf)
+        probs = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(dt)
+        o_lat_BxTxHxC = jnp.einsum("bhts,bsc->bthc", probs, ckv_BxSxC, preferred_element_type=jnp.float32).astype(dt)
+        return jnp.einsum("bthc,cha->btha", o_lat_BxTxHxC, w_uv_CxHxA, preferred_element_type=jnp.float32).astype(dt)
+
     @nn.compact
-    def __call__(self, x_BxTxD, cos, sin, mask):
+    def __call__(self, x_BxTxD, cos, sin, mask, cache=None, index=None, absorbed=True):
+        """Returns y [B, T, D], or (y, updated layer cache) when `cache` is given."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         N = c.qk_nope_head_dim
@@ -109,18 +175,16 @@ class MLA(nn.Module):
         q_nope, q_pe = q[..., :N], q[..., N:]
         ckv_BxTxC, k_pe_BxTxR = self.project_kv_latent(x_BxTxD)
         q_pe = apply_rope(q_pe, cos, sin, c.rope_interleave)
-        k_pe_BxTx1xR = apply_rope(k_pe_BxTxR[:, :, None, :], cos, sin, c.rope_interleave)
-
-        kv = jnp.einsum("btc,chk->bthk", ckv_BxTxC, self.kv_up_kernel().astype(dt),
-                        preferred_element_type=jnp.float32).astype(dt)
-        k_nope, v_BxTxHxA = kv[..., :N], kv[..., N:]
-        k_BxTxHx_ = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe_BxTx1xR, k_nope.shape[:3] + (c.qk_rope_head_dim,))],
-                                    axis=-1)
-        q_BxTxHx_ = jnp.concatenate([q_nope, q_pe], axis=-1)
-        q_BxTxHx_ = constrain(q_BxTxHx_, ("batch", "length", "heads", "head_dim"))
-        k_BxTxHx_ = constrain(k_BxTxHx_, ("batch", "length", "heads", "head_dim"))
-        out = dot_product_attention(q_BxTxHx_, k_BxTxHx_, v_BxTxHxA, mask,
-                                    softmax_scale(c.qk_head_dim, c.rope_scaling))
+        k_pe_BxTxR = apply_rope(k_pe_BxTxR[:, :, None, :], cos, sin, c.rope_interleave)[:, :, 0]
+        if cache is None:
+            out = self.expanded_attention(q_nope, q_pe, ckv_BxTxC, k_pe_BxTxR, mask)
+        else:
+            # The cache stores k_pe after RoPE: a token's position never changes once written.
+            cache = {"ckv": constrain(kv_cache.write(cache["ckv"], ckv_BxTxC, index), ("batch", "length", "kv_lora")),
+                     "k_pe": constrain(kv_cache.write(cache["k_pe"], k_pe_BxTxR, index), ("batch", "length", None))}
+            attend = self.absorbed_attention if absorbed else self.expanded_attention
+            out = attend(q_nope, q_pe, cache["ckv"].astype(dt), cache["k_pe"].astype(dt), mask)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        return jnp.einsum("btha,had->btd", out, self.out_kernel().astype(dt),
-                          preferred_element_type=jnp.float32).astype(dt)
+        y = jnp.einsum("btha,had->btd", out, self.out_kernel().astype(dt),
+                       preferred_element_type=jnp.float32).astype(dt)
+        return y if cache is None else (y, cache)

@@ -43,6 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 0  # 0 = only at the end (and on SIGTERM)
     c.keep_checkpoints = 3
     c.progress = True
+    c.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0 = measure with a matmul at start
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
     c.sharding_rules = ml_collections.ConfigDict()  # logical axis -> mesh axes overrides
     c.moe = ml_collections.ConfigDict(dict(
@@ -52,8 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
         {k: v for k, v in _dataclass_defaults(OptimizerConfig).items() if k != "total_steps"})
     c.data = ml_collections.ConfigDict(dict(
         kind="synthetic",  # "synthetic" (embedded tasks) | a source spec for data.sources
-        path="", tokenizer="byte", seq_len=256, batch_size=8, overlong="truncate",
-        num_problems=20_000, mixture=ml_collections.ConfigDict()))
+        path="", eval_path="", tokenizer="byte", seq_len=256, batch_size=8, overlong="truncate",
+        num_problems=20_000, mixture=ml_collections.ConfigDict(),
+        # Options of the embedded tasks (data.synthetic.make_problem): task, digits, ops, ...
+        task=ml_collections.ConfigDict(dict(task="mixed"))))
+    c.init_from = ""  # a workdir whose newest params start this run (warm_start.py)
     return c
 
 

@@ -7,6 +7,11 @@ Usage:
     params = model.init(rng, tokens)["params"]
     out = model.apply({"params": params}, tokens)      # out.logits [B, T, V]
 
+    # Generation with a KV cache (kv_cache.py; rl/sampler.py wraps it in a decode loop):
+    cache = kv_cache.init_cache(config, batch=B, max_len=S)
+    out, cache = model.apply({"params": params}, prompt_BxP, segment_ids=valid_BxP, cache=cache)
+    out, cache = model.apply({"params": params}, next_Bx1, cache=cache)   # absorbed MLA decode
+
 Parameter tree (names chosen to map one to one onto the Hugging Face checkpoints):
     embed/embedding [V, D]
     layers_{i}/attn_norm, attn/{q_proj | q_a_proj, q_a_norm, q_b_proj}, kv_a_proj, kv_a_norm,
@@ -25,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import kv_cache
 from deepseek_jax.attention import MHA, MLA, attention_mask
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, Dense, Embed, RMSNorm, constrain, rope_cos_sin
@@ -39,17 +45,23 @@ class Block(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, x_BxTxD, cos, sin, mask, valid_BxT):
+    def __call__(self, x_BxTxD, cos, sin, mask, valid_BxT, cache=None, index=None, absorbed=True):
+        """(x, MoE stats), plus the updated layer cache when `cache` is given."""
         c = self.config
         attn_cls = MLA if c.attention == "mla" else MHA
-        h = attn_cls(c, name="attn")(RMSNorm(c.rms_norm_eps, name="attn_norm")(x_BxTxD), cos, sin, mask)
+        x_norm = RMSNorm(c.rms_norm_eps, name="attn_norm")(x_BxTxD)
+        if cache is None:
+            h = attn_cls(c, name="attn")(x_norm, cos, sin, mask)
+        else:
+            h, cache = attn_cls(c, name="attn")(x_norm, cos, sin, mask, cache, index, absorbed)
         x_BxTxD = constrain(x_BxTxD + h, ("batch", "length", "embed"))
         y = RMSNorm(c.rms_norm_eps, name="mlp_norm")(x_BxTxD)
         if self.moe:
             y, stats = MoE(c, name="mlp")(y, valid_BxT)
         else:
             y, stats = MLP(c.hidden_size, c.intermediate_size, jnp.dtype(c.dtype), name="mlp")(y), None
-        return constrain(x_BxTxD + y, ("batch", "length", "embed")), stats
+        x_BxTxD = constrain(x_BxTxD + y, ("batch", "length", "embed"))
+        return (x_BxTxD, stats) if cache is None else (x_BxTxD, stats, cache)
 
 
 def _block_cls(config: ModelConfig):
@@ -88,7 +100,8 @@ def _stack_stats(stats: list) -> Optional[MoEStats]:
     return MoEStats(
         counts=jnp.stack([s["counts"] for s in stats]), probs=jnp.stack([s["probs"] for s in stats]),
         router_z=jnp.stack([s["router_z"] for s in stats]), tokens=stats[0]["tokens"],
-        dropped=jnp.stack([s["dropped"] for s in stats]))
+        dropped=jnp.stack([s["dropped"] for s in stats]),
+        group_tokens=jnp.stack([s["group_tokens"] for s in stats]))
 
 
 def shift_left(x_BxT: jax.Array, fill: int = 0) -> jax.Array:
@@ -101,22 +114,44 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None) -> ModelOutput:
+                 segment_ids: Optional[jax.Array] = None, cache: Optional[kv_cache.KVCache] = None,
+                 absorbed: bool = True):
+        """ModelOutput; with `cache`, (ModelOutput, updated cache) for prefill / decode.
+
+        With a cache, `tokens` are appended at the cache's write index; `segment_ids` (0 =
+        left padding) marks which are real, positions come from the cache (`positions` must be
+        None), and MTP modules are skipped (`mtp_logits` is None): their input needs the token
+        after each position, which generation does not know yet. `absorbed` picks MLA's
+        absorbed (default) or naive expanded decode; both give the same logits.
+        """
         c = self.config
         dt = jnp.dtype(c.dtype)
         B, T = tokens_BxT.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         valid_BxT = None if segment_ids is None else segment_ids != 0
+        if cache is not None:
+            if positions is not None:
+                raise ValueError("Transformer(cache=...) derives positions from the cache (real tokens per row); "
+                                 "pass positions=None and mark left padding with segment_ids=0")
+            kv_cache.check_room(cache, T)
+            index = cache.index
+            cache, positions, mask = kv_cache.append(cache, jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT)
+        elif positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_cos_sin(positions, c)
-        mask = attention_mask(segment_ids, T)
+        if cache is None:
+            mask = attention_mask(segment_ids, T)
 
         embed = Embed(c.vocab_size, c.hidden_size, dt, name="embed")
         x = constrain(embed(tokens_BxT), ("batch", "length", "embed"))
         block_cls = _block_cls(c)
-        stats = []
+        stats, layer_caches = [], []
         for i in range(c.num_hidden_layers):
-            x, s = block_cls(c, c.is_moe_layer(i), name=f"layers_{i}")(x, cos, sin, mask, valid_BxT)
+            if cache is None:
+                x, s = block_cls(c, c.is_moe_layer(i), name=f"layers_{i}")(x, cos, sin, mask, valid_BxT)
+            else:  # no remat: generation never differentiates
+                x, s, layer = Block(c, c.is_moe_layer(i), name=f"layers_{i}")(
+                    x, cos, sin, mask, valid_BxT, cache.layers[i], index, absorbed)
+                layer_caches.append(layer)
             stats.append(s)
         h = RMSNorm(c.rms_norm_eps, name="final_norm")(x)
         if c.tie_word_embeddings:
@@ -124,6 +159,9 @@ class Transformer(nn.Module):
         else:  # float32 logits, accumulated in float32 whatever the activation dtype
             head = Dense((c.hidden_size,), (c.vocab_size,), ("embed", "vocab"), dt, jnp.float32, name="lm_head")
         logits = head(h)
+        if cache is not None:
+            out = ModelOutput(logits=logits, moe=_stack_stats(stats), hidden=h)
+            return out, cache.replace(layers=tuple(layer_caches))
 
         mtp_logits = []
         h_prev, next_tokens = h, tokens_BxT

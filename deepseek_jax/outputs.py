@@ -23,6 +23,9 @@ class MoEStats:
     router_z: jax.Array  # [L, B] sum over tokens of logsumexp(router logits)^2
     tokens: jax.Array  # [B] tokens counted per row (non-padding)
     dropped: jax.Array  # [L] token-slots dropped by capacity-limited dispatch (0 when dropless)
+    # [L, B, G] tokens sent to each expert group (= device under device-limited routing), a
+    # token counting once per group however many of its experts are there (V2 eq. 18-20).
+    group_tokens: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass

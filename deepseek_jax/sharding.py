@@ -158,3 +158,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def _mesh_sizes(mesh) -> dict[str, int]:
+    if isinstance(mesh, Mapping):
+        return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    return {a: int(mesh.shape[a]) if a in mesh.axis_names else 1 for a in MESH_AXES}
+
+
+def validate_for_mesh(model_config, mesh) -> None:
+    """Rejects a ModelConfig the mesh cannot run, before compilation (ConfigError names the fix).
+
+    `mesh`: a Mesh, an AbstractMesh or a dict of axis sizes (as `mesh_shape` returns).
+    Expert parallelism needs n_routed_experts divisible by mesh.expert (each device holds
+    E / expert experts), and group-limited routing needs the groups to line up with the
+    devices: n_group a multiple of mesh.expert (whole groups per device: device-limited
+    routing) or mesh.expert a multiple of n_group (each group on whole devices).
+    """
+    c = model_config
+    if c.capacity_factor <= 0:
+        raise ConfigError(f"moe.capacity_factor={c.capacity_factor}: must be > 0 (1.0 = exactly the "
+                          "average load per expert; 1.25 is a common choice).")
+    if not c.is_moe:
+        return
+    ep = _mesh_sizes(mesh)["expert"]
+    E, G = c.n_routed_experts, c.n_group
+    if E % ep:
+        divisors = [d for d in range(1, E + 1) if E % d == 0]
+        raise ConfigError(f"mesh.expert={ep} does not divide model.n_routed_experts={E}; set mesh.expert "
+                          f"to one of {divisors} (move the other devices to mesh.data or mesh.fsdp).")
+    if G > 1 and G % ep and ep % G:
+        raise ConfigError(f"model.n_group={G} expert groups cannot be mapped onto mesh.expert={ep} devices; "
+                          f"use a mesh.expert that divides n_group or is a multiple of it "
+                          f"(e.g. mesh.expert={math.gcd(G, ep)}).")

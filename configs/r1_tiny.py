@@ -1,0 +1,80 @@
+"""The miniature DeepSeek-R1 recipe: pretrain -> cold-start SFT -> GRPO -> rejection-sampled
+SFT of a small dense student, on the embedded arithmetic tasks. Each stage is a variant:
+
+    python experiments/r1_pipeline.py --workdir runs/demo            # every stage, in order
+    python -m deepseek_jax.train --config configs/r1_tiny.py:pretrain --workdir runs/demo/pretrain
+    python -m deepseek_jax.train --config configs/r1_tiny.py:sft --workdir runs/demo/sft \\
+        --config.init_from=runs/demo/pretrain
+
+Stages ("ARG"): pretrain, sft (cold start: few steps, teaches the R1 format), grpo (the RL
+stage, rl/grpo.py), student (a V1-style dense model trained by SFT on the GRPO policy's
+rejection-sampled completions: R1's distillation). The policy is the tiny V3 architecture
+(MLA + DeepSeekMoE with sigmoid group-limited routing, router bias, MTP).
+"""
+from deepseek_jax import experiment
+from deepseek_jax.rl import grpo
+
+# Two-digit addition and subtraction: learnable by a tiny model in minutes, with room for RL.
+TASK = dict(task="arithmetic", digits=(1, 2), ops="+-")
+STAGES = ("pretrain", "sft", "grpo", "student")
+
+
+def _policy(c):
+    c.model.update(dict(
+        name="r1_tiny", vocab_size=264, hidden_size=64, num_hidden_layers=3, intermediate_size=192,
+        max_position_embeddings=256, attention="mla", num_attention_heads=4, q_lora_rank=32,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=48,
+        first_k_dense_replace=1, scoring_func="sigmoid", n_group=4, topk_group=2,
+        group_score="top2_sum", norm_topk_prob=True, routed_scaling_factor=2.5, router_bias=True,
+        num_mtp_layers=1))
+
+
+def _student(c):
+    c.model.update(dict(
+        name="r1_tiny_student", vocab_size=264, hidden_size=64, num_hidden_layers=2,
+        intermediate_size=192, max_position_embeddings=256, attention="mha", num_attention_heads=4,
+        rope_interleave=False))
+
+
+def get_config(arg=None):
+    stage = arg or "pretrain"
+    if stage not in STAGES:
+        raise ValueError(f"configs/r1_tiny.py: unknown stage {stage!r}; use one of {STAGES}")
+    c = experiment.default_config()
+    c.compute_dtype = "float32"  # CPU: float32 is as fast as bfloat16 at this size
+    c.data.task = dict(TASK)
+    c.data.seq_len = 96
+    c.data.batch_size = 32
+    c.log_every = 25
+    c.checkpoint_every = 0
+    c.progress = True
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.warmup_steps = 20
+    _student(c) if stage == "student" else _policy(c)
+    if stage == "pretrain":
+        c.loss, c.total_steps = "pretrain", 600
+        c.optimizer.learning_rate = 3e-3
+    elif stage in ("sft", "student"):
+        c.loss = "sft"
+        c.total_steps = 150 if stage == "sft" else 600
+        c.optimizer.learning_rate = 1e-3 if stage == "sft" else 3e-3
+        c.loss_config.mtp_weight = 0.1
+        if stage == "student":
+            c.data.kind, c.data.path = "jsonl", ""  # the pipeline points it at the rejection samples
+    else:  # grpo
+        c.loss, c.total_steps = "grpo", 60
+        c.optimizer.learning_rate = 5e-4
+        c.optimizer.warmup_steps = 0
+        c.optimizer.schedule = "constant"
+        c.loss_config.beta = 0.0  # Dr. GRPO / DAPO drop the KL term; R1-Zero used 0.001
+        c.log_every = 5
+        c.eval_every = 0
+        c.grpo = grpo.default_grpo_config()
+        c.grpo.task = dict(TASK)
+        c.grpo.prompts_per_step = 16
+        c.grpo.group_size = 8
+        c.grpo.max_prompt_len = 16
+        c.grpo.max_new_tokens = 40
+    return c
+

@@ -1,0 +1,142 @@
+"""Expert parallelism: routed experts inside `jax.shard_map` with all-to-all (GShard, DeepSeek-V3 §3.2).
+
+Dimension legend: n local tokens, K experts per token, m = n*K local copies, D model width,
+F expert width, E routed experts, El = E / P experts per device, P the `expert` mesh axis size,
+S per-peer slots, C capacity per expert and source device.
+
+When a mesh is active (`jax.set_mesh`) and one of its batch axes (data, fsdp, expert) is
+larger than 1, `routed_experts` runs the routed experts per device on that device's tokens
+(the batch is split over data x fsdp x expert). Expert weights are split on E over
+`expert` (sharding.DEFAULT_RULES); their `embed`/`mlp` dims are gathered at the shard_map
+boundary (jit inserts the all-gather over fsdp/tensor, and the reduce-scatter of its
+gradient). With P > 1, token copies travel to the device owning their expert and back:
+  dropless  fixed per-peer buffers of S = n * min(K, El) slots: a token sends at most
+            min(K, El) copies to one peer, so no routing can overflow them (nothing is
+            dropped; the price is P times the average buffer when routing is balanced).
+            Plain `all_to_all` (REFERENCES: ragged_all_to_all does not compile on CPU
+            and is unreliable on GPU). The receiver runs the grouped matmul on its El experts.
+  capacity  GShard: each source device gives every expert C = ceil(n K / E * factor)
+            slots (capacity per device group, so drops depend on the data split; with
+            enough capacity every mesh gives the same result); dropped copies are summed
+            over the mesh.
+  dense     reference: tokens all-gathered over `expert`, every local expert on every
+            token, partial outputs reduce-scattered back.
+Groups of the group-limited router are contiguous expert ranges, so with n_group a
+multiple of P each device holds whole groups and a token reaches at most topk_group
+devices (V2 device-limited / V3 node-limited routing). `sharding.validate_for_mesh`
+rejects meshes that cannot work, before anything is compiled.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax import moe as moe_lib
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.sharding import BATCH_AXES, validate_for_mesh
+
+log = logging.getLogger(__name__)
+EXPERT_AXIS = "expert"
+
+
+def active_mesh():
+    """The mesh set by `jax.set_mesh` (abstract inside jit), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def routed_experts(x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK, ids_NxK, c: ModelConfig,
+                   mesh=None):
+    """The routed experts' combined output [N, D] and dropped copies (int32 scalar).
+
+    Local when no mesh (or a one-device mesh) is active; otherwise shard_map over the
+    mesh as described in the module docstring. Results do not depend on the mesh, except
+    which copies capacity dispatch drops when it drops any.
+    """
+    mesh = mesh if mesh is not None else active_mesh()
+    batch_axes = tuple(a for a in BATCH_AXES if mesh is not None and a in mesh.axis_names)
+    dp = math.prod(mesh.shape[a] for a in batch_axes) if batch_axes else 1
+    args = (x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK, ids_NxK)
+    if dp == 1:
+        return moe_lib.expert_ffn(*args, c)
+    validate_for_mesh(c, mesh)
+    N = x_NxD.shape[0]
+    if N % dp:
+        log.warning("MoE: %d tokens do not split over the %d data-parallel devices; running the "
+                    "experts without expert parallelism (XLA partitions it)", N, dp)
+        return moe_lib.expert_ffn(*args, c)
+    has_ep = EXPERT_AXIS in mesh.axis_names and mesh.shape[EXPERT_AXIS] > 1
+    tok, w_spec = P(batch_axes, None), P(EXPERT_AXIS if has_ep else None, None, None)
+
+    def body(x, wg, wu, wd, wts, ids):
+        if not has_ep:
+            y, dropped = moe_lib.expert_ffn(x, wg, wu, wd, wts, ids, c)
+        elif c.moe_dispatch == "dense":
+            y, dropped = _dense_ep(x, wg, wu, wd, wts, ids)
+        elif c.moe_dispatch == "capacity":
+            y, dropped = _capacity_ep(x, wg, wu, wd, wts, ids, c)
+        else:
+            y, dropped = _dropless_ep(x, wg, wu, wd, wts, ids)
+        return y, jax.lax.psum(dropped, batch_axes)
+
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, w_spec, w_spec, w_spec, tok, tok),
+                       out_specs=(tok, P()))
+    return fn(*args)
+
+
+def _exchange(buf_PxSx, axis=EXPERT_AXIS):
+    """Chunk p goes to peer p; the result's chunk p came from peer p."""
+    return jax.lax.all_to_all(buf_PxSx, axis, 0, 0, tiled=True)
+
+
+def _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK):
+    n, K = ids_nxK.shape
+    D, El = x_nxD.shape[1], wg_ElxDxF.shape[0]
+    Pn = jax.lax.axis_size(EXPERT_AXIS)
+    S = n * min(K, El)
+    ids_m = ids_nxK.reshape(-1)  # copy m = t * K + k
+    peer_m, local_m = ids_m // El, ids_m % El
+    onehot_mxP = jax.nn.one_hot(peer_m, Pn, dtype=jnp.int32)
+    rank_m = (jnp.cumsum(onehot_mxP, axis=0) * onehot_mxP).sum(-1) - 1  # < S by construction
+    dest_m = peer_m * S + rank_m
+    send_x = jnp.zeros((Pn * S, D), x_nxD.dtype).at[dest_m].set(jnp.repeat(x_nxD, K, axis=0))
+    send_e = jnp.full((Pn * S,), -1, jnp.int32).at[dest_m].set(local_m.astype(jnp.int32))
+    recv_x = _exchange(send_x.reshape(Pn, S, D)).reshape(Pn * S, D)
+    recv_e = _exchange(send_e.reshape(Pn, S)).reshape(Pn * S)
+    y_recv = moe_lib.grouped_ffn(recv_x, 1, jnp.maximum(recv_e, 0), recv_e >= 0,
+                                  wg_ElxDxF, wu_ElxDxF, wd_ElxFxD)
+    y_back = _exchange(y_recv.reshape(Pn, S, D)).reshape(Pn * S, D)
+    return moe_lib._combine(y_back[dest_m], weights_nxK), jnp.zeros((), jnp.int32)
+
+
+def _capacity_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, c: ModelConfig):
+    n, K = ids_nxK.shape
+    D, El = x_nxD.shape[1], wg_ElxDxF.shape[0]
+    Pn = jax.lax.axis_size(EXPERT_AXIS)
+    C = moe_lib.expert_capacity(n, c)
+    dest_m, keep_m = moe_lib.capacity_slots(ids_nxK, El * Pn, C)  # expert e = peer * El + local
+    token_m = jnp.tile(jnp.arange(n), K)
+    send = jnp.zeros((Pn * El * C, D), x_nxD.dtype).at[dest_m].set(x_nxD[token_m], mode="drop")
+    recv_PxElxCxD = _exchange(send.reshape(Pn, El * C, D)).reshape(Pn, El, C, D)
+    xe_ElxPCxD = recv_PxElxCxD.transpose(1, 0, 2, 3).reshape(El, Pn * C, D)
+    ye = moe_lib._swiglu(xe_ElxPCxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, "ecd,edf->ecf", "ecf,efd->ecd")
+    back = _exchange(ye.reshape(El, Pn, C, D).transpose(1, 0, 2, 3).reshape(Pn, El * C, D))
+    y_KxnxD = jnp.take(back.reshape(Pn * El * C, D), dest_m, axis=0, mode="fill", fill_value=0).reshape(K, n, D)
+    out = jnp.einsum("knd,nk->nd", y_KxnxD, weights_nxK.astype(y_KxnxD.dtype))
+    return out, (~keep_m).sum().astype(jnp.int32)
+
+
+def _dense_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK):
+    El = wg_ElxDxF.shape[0]
+    first = jax.lax.axis_index(EXPERT_AXIS) * El
+    gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
+    x_all, w_all, ids_all = gather(x_nxD), gather(weights_nxK), gather(ids_nxK)
+    local = (ids_all >= first) & (ids_all < first + El)
+    # Copies for other devices' experts get weight 0 (and any in-range id): they add nothing.
+    y_all, _ = moe_lib.expert_ffn_dense(x_all, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD,
+                                        jnp.where(local, w_all, 0), jnp.where(local, ids_all - first, 0))
+    return jax.lax.psum_scatter(y_all, EXPERT_AXIS, scatter_dimension=0, tiled=True), jnp.zeros((), jnp.int32)

@@ -1,0 +1,317 @@
+"""GRPO with rule-based rewards (DeepSeekMath §4, DeepSeek-R1 §2.2): the RL stage of the recipe.
+
+One GRPO step:
+  1. take `prompts_per_step` training problems (a pure function of the seed and step);
+  2. sample `group_size` completions for each with the current policy (rl/sampler.py);
+  3. score them with the configured rewards (rl/rewards.py), compute group advantages
+     (`grpo` z-score, `dr_grpo`, `rloo`; rl/advantages.py); optionally give no loss to
+     groups whose rewards are all equal (DAPO dynamic sampling) and to completions that
+     hit max_new_tokens unfinished (DAPO overlong filtering);
+  4. old-policy log-probs come with the samples (the sampler's temperature-1 log-softmax);
+     reference log-probs come from a forward of the reference params (skipped if beta = 0,
+     when the old policy stands in and the "kl" metric measures drift from the rollouts);
+  5. `inner_steps` (mu) updates of THE train step (train_step.py) with the `grpo` loss.
+The reference policy is the starting policy, reset to the current one every
+`ref_reset_every` steps (R1-Zero: 400). Rows dropped in (3) keep their place in the batch
+with an all-zero loss mask, so shapes never change and nothing recompiles.
+
+Metrics per step: reward mean/std (total and per reward function), accuracy, format rate,
+completion length, fraction of informative groups, the loss's KL, clip fractions, entropy,
+and the split of wall time between rollout and training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from deepseek_jax import losses
+from deepseek_jax.data import synthetic
+from deepseek_jax.rl import advantages as adv_lib
+from deepseek_jax.rl import rewards as rewards_lib
+from deepseek_jax.rl.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+
+def default_grpo_config() -> ml_collections.ConfigDict:
+    """`cfg.grpo`: the RL stage's own settings (the model, optimizer, mesh are the usual keys)."""
+    return ml_collections.ConfigDict(dict(
+        group_size=8,  # G completions per prompt
+        prompts_per_step=16,
+        max_prompt_len=32,  # tokens, bos included; longer prompts are an error
+        max_new_tokens=48,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        estimator="grpo",  # "grpo" | "dr_grpo" | "rloo"
+        dynamic_sampling=False,  # DAPO: no loss on groups whose rewards are all equal
+        mask_truncated=False,  # DAPO overlong filtering: no loss on unfinished completions
+        inner_steps=1,  # mu: updates per batch of samples
+        ref_reset_every=0,  # 0 = the reference stays the starting policy
+        rewards=ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1}),
+        task=ml_collections.ConfigDict(dict(task="arithmetic", digits=(1, 2), ops="+-")),
+        eval_problems=200,
+        eval_temperature=0.0,  # 0 = greedy
+        sample_texts=4,  # completions written to TensorBoard per log step
+    ))
+
+
+@dataclasses.dataclass
+class Rollout:
+    problems: list  # P problem dicts, each repeated G times in the rows
+    completions: list  # B decoded completion strings
+    rewards: np.ndarray  # [B] total reward
+    per_reward: dict  # name -> [B]
+    lengths: np.ndarray  # [B] completion tokens
+    truncated: np.ndarray  # [B] hit max_new_tokens without a stop token
+    batch: dict  # the GRPO training batch (numpy)
+    informative: np.ndarray  # [P] groups with unequal rewards
+
+
+def encode_prompts(tokenizer, problems: Sequence[dict], max_prompt_len: int) -> list[list[int]]:
+    ids = [tokenizer.encode(p["prompt"], add_bos=True) for p in problems]
+    longest = max(map(len, ids))
+    if longest > max_prompt_len:
+        raise ValueError(f"grpo.max_prompt_len={max_prompt_len} but a prompt has {longest} tokens; "
+                         f"raise grpo.max_prompt_len to at least {longest}")
+    return ids
+
+
+def completion_texts(tokenizer, sample) -> list[str]:
+    """Decoded completions, the stop token excluded."""
+    tokens, mask = np.asarray(sample.tokens), np.asarray(sample.mask)
+    stop = tokenizer.eos_id
+    return [tokenizer.decode([t for t, m in zip(row, row_mask) if m and t != stop])
+            for row, row_mask in zip(tokens, mask)]
+
+
+class GRPO:
+    """Rollouts, scoring and updates for one model on one mesh (see the module docstring).
+
+    parts: `trainer.build_state_and_step(cfg, mesh, loss_name="grpo")`.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, parts: Any, tokenizer):
+        self.cfg, self.g, self.parts, self.tokenizer = cfg, cfg.grpo, parts, tokenizer
+        if self.g.estimator not in adv_lib.ESTIMATORS:
+            raise ValueError(f"grpo.estimator={self.g.estimator!r}: use one of {adv_lib.ESTIMATORS}")
+        self.sampler = Sampler(parts.model, self.g.max_prompt_len, self.g.max_new_tokens,
+                               pad_id=tokenizer.pad_id)
+        self.beta = experiment_beta(cfg)
+        self._ref_logprobs = jax.jit(self._ref_logprobs_impl)
+
+    # ----- pieces ------------------------------------------------------------------------------
+
+    def _in_mesh(self):
+        return _MeshContext(self.parts.mesh, self.parts.rules)
+
+    def _ref_logprobs_impl(self, params, batch):
+        out = self.parts.model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                                     segment_ids=batch["segment_ids"])
+        return losses.token_logprobs(out.logits, batch["targets"])[0]
+
+    def generate(self, params, problems: Sequence[dict], rng, *, temperature: float):
+        prompts = encode_prompts(self.tokenizer, problems, self.g.max_prompt_len)
+        with self._in_mesh():
+            return self.sampler.generate(params, prompts, rng, temperature=temperature, top_p=self.g.top_p,
+                                         top_k=self.g.top_k, stop_tokens=[self.tokenizer.eos_id])
+
+    def rollout(self, params, problems: Sequence[dict], rng) -> Rollout:
+        """G samples per problem, their rewards, advantages and the training batch."""
+        G = self.g.group_size
+        rows = [p for p in problems for _ in range(G)]
+        sample = jax.device_get(self.generate(params, rows, rng, temperature=self.g.temperature))
+        texts = completion_texts(self.tokenizer, sample)
+        names = dict(self.g.rewards.to_dict())
+        scores = [rewards_lib.score(names, p["prompt"], text, **p) for p, text in zip(rows, texts)]
+        per_reward = {n: np.array([s[n] for s in scores], np.float32) for n in names}
+        total = np.sum(list(per_reward.values()), axis=0).astype(np.float32)
+        rewards_PxG = total.reshape(len(problems), G)
+        advantages = adv_lib.group_advantages(rewards_PxG, self.g.estimator).reshape(-1)
+        informative = adv_lib.informative_groups(rewards_PxG)
+        keep = np.ones(len(rows), bool)
+        if self.g.dynamic_sampling:
+            keep &= np.repeat(informative, G)
+        lengths = np.asarray(sample.lengths)
+        last = np.asarray(sample.tokens)[np.arange(len(rows)), np.maximum(lengths - 1, 0)]
+        truncated = (lengths == self.g.max_new_tokens) & (last != self.tokenizer.eos_id)
+        if self.g.mask_truncated:
+            keep &= ~truncated
+        batch = adv_lib.build_grpo_batch(*jax.device_get(sample.sequences()), sample.logprobs, advantages, keep)
+        return Rollout(list(problems), texts, total, per_reward, lengths, truncated, batch, informative)
+
+    def reference_logprobs(self, ref_params, batch: dict) -> np.ndarray:
+        if not self.beta:
+            # The KL term is off: skip the forward. With the old policy standing in, the
+            # reported "kl" then measures the drift from the rollout policy instead.
+            return batch["old_logprobs"]
+        from deepseek_jax.trainer import global_batch  # the trainer's host -> global array helper
+
+        with self._in_mesh():
+            return np.asarray(self._ref_logprobs(ref_params, global_batch(batch, self.parts.mesh)))
+
+    def step(self, state, ref_params, problems: Sequence[dict], rng):
+        """One GRPO step; returns (state, host metrics, rollout)."""
+        from deepseek_jax.trainer import global_batch, step_metrics
+
+        t0 = time.perf_counter()
+        ro = self.rollout(state.params, problems, rng)
+        batch = dict(ro.batch, ref_logprobs=self.reference_logprobs(ref_params, ro.batch))
+        t1 = time.perf_counter()
+        device_batch = global_batch(batch, self.parts.mesh)
+        totals = {}
+        for _ in range(self.g.inner_steps):
+            state, metrics = self.parts.train_step(state, device_batch)
+            for k, v in step_metrics(metrics).items():
+                totals[k] = totals.get(k, 0.0) + float(v) / self.g.inner_steps
+        t2 = time.perf_counter()
+        record = dict(totals, **rollout_metrics(ro), rollout_s=t1 - t0, train_s=t2 - t1)
+        return state, record, ro
+
+
+def rollout_metrics(ro: Rollout) -> dict:
+    out = {"reward_mean": float(ro.rewards.mean()), "reward_std": float(ro.rewards.std()),
+           "completion_length": float(ro.lengths.mean()), "truncated_frac": float(ro.truncated.mean()),
+           "informative_groups": float(ro.informative.mean())}
+    for name, values in ro.per_reward.items():
+        out[f"reward/{name}"] = float(values.mean())
+    out["accuracy"] = float(np.mean([rewards_lib.accuracy(p["prompt"], c, **p)
+                                     for p, c in zip(_rows(ro), ro.completions)]))
+    out["format_rate"] = float(np.mean([rewards_lib.format_reward(p["prompt"], c, **p)
+                                        for p, c in zip(_rows(ro), ro.completions)]))
+    return out
+
+
+def _rows(ro: Rollout) -> list:
+    G = len(ro.completions) // len(ro.problems)
+    return [p for p in ro.problems for _ in range(G)]
+
+
+def evaluate(grpo: GRPO, params, problems: Sequence[dict], rng, *, batch_size: int = 256,
+             temperature: Optional[float] = None) -> dict:
+    """Accuracy, format rate and mean length on `problems` (one sample each)."""
+    temperature = grpo.g.eval_temperature if temperature is None else temperature
+    acc, fmt, length = [], [], []
+    for start in range(0, len(problems), batch_size):
+        chunk = list(problems[start:start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)  # one compiled shape for every chunk
+        sample = jax.device_get(grpo.generate(params, chunk, jax.random.fold_in(rng, start),
+                                              temperature=temperature))
+        texts = completion_texts(grpo.tokenizer, sample)[:real]
+        acc += [rewards_lib.accuracy(p["prompt"], t, **p) for p, t in zip(chunk, texts)]
+        fmt += [rewards_lib.format_reward(p["prompt"], t, **p) for p, t in zip(chunk, texts)]
+        length += list(np.asarray(sample.lengths)[:real])
+    return {"accuracy": float(np.mean(acc)), "format_rate": float(np.mean(fmt)),
+            "completion_length": float(np.mean(length)), "problems": len(problems)}
+
+
+def training_problems(cfg: ml_collections.ConfigDict, step: int) -> list[dict]:
+    """The prompts of GRPO step `step`: a pure function of (seed, step), from the train split."""
+    g = cfg.grpo
+    P = g.prompts_per_step
+    options = _task_options(g)
+    return [synthetic.make_problem(step * P + i, split="train", seed=f"grpo/{cfg.seed}", **options)
+            for i in range(P)]
+
+
+def heldout_problems(cfg: ml_collections.ConfigDict, n: Optional[int] = None) -> list[dict]:
+    return synthetic.make_problems("heldout", n or cfg.grpo.eval_problems, seed=cfg.seed,
+                                   **_task_options(cfg.grpo))
+
+
+def _task_options(g) -> dict:
+    options = dict(g.task.to_dict())
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+def experiment_beta(cfg) -> float:
+    return float(cfg.get("loss_config", {}).get("beta", losses.LossConfig().beta))
+
+
+class _MeshContext:
+    """The ambient mesh and logical rules the model's sharding annotations read."""
+
+    def __init__(self, mesh, rules):
+        self.cms = [jax.set_mesh(mesh), nn.logical_axis_rules(rules)]
+
+    def __enter__(self):
+        for cm in self.cms:
+            cm.__enter__()
+
+    def __exit__(self, *exc):
+        for cm in reversed(self.cms):
+            cm.__exit__(*exc)
+        return False
+
+
+# ----- the GRPO run: `python -m deepseek_jax.train` for the RL stage ---------------------------
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, init_from: Optional[str] = None) -> dict:
+    """GRPO from the params of the run in `init_from` (e.g. the SFT stage), in `workdir`.
+
+    Resumes from `workdir`'s newest checkpoint (state and reference params) if there is
+    one. Returns the last logged record plus the final held-out evaluation.
+    """
+    import os
+
+    from deepseek_jax import trainer, warm_start
+    from deepseek_jax.checkpoint import Checkpointer
+    from deepseek_jax.data.tokenizer import get_tokenizer
+    from deepseek_jax.metrics import MetricsWriter
+
+    mesh = trainer.build_mesh(cfg)
+    parts = trainer.build_state_and_step(cfg, mesh, loss_name="grpo")
+    grpo = GRPO(cfg, parts, get_tokenizer(cfg.data.tokenizer))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+    abstract = {"state": parts.abstract_state, "ref_params": parts.abstract_state.params}
+    restored = ckpt.restore(abstract)
+    if restored is not None:
+        state, ref_params = restored.state["state"], restored.state["ref_params"]
+    else:
+        if init_from is None:
+            raise ValueError("GRPO starts from a trained policy: pass init_from=WORKDIR of the SFT run")
+        state = warm_start.state_from_params(parts, warm_start.load_params(init_from, mesh))
+        ref_params = state.params
+    writer = MetricsWriter(workdir, resume_step=restored.step if restored is not None else None)
+    step = int(jax.device_get(state.step))
+    heldout = heldout_problems(cfg)
+    eval_rng = jax.random.key(cfg.seed + 1)
+    last = {}
+    try:
+        while step < cfg.total_steps:
+            rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+            state, record, ro = grpo.step(state, ref_params, training_problems(cfg, step), rng)
+            step += 1
+            if grpo.g.ref_reset_every and step % grpo.g.ref_reset_every == 0:
+                ref_params = jax.tree.map(jnp.copy, state.params)  # the state's buffers are donated
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
+                record.update({f"eval/{k}": v for k, v in evaluate(grpo, state.params, heldout, eval_rng).items()})
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                last = writer.write(step, record)
+                for i in range(min(grpo.g.sample_texts, len(ro.completions))):
+                    writer.write_text(step, f"samples/{i}", f"{_rows(ro)[i]['prompt']} -> {ro.completions[i]}")
+                log.info("grpo step %d: reward %.3f accuracy %.3f length %.1f (rollout %.1fs, train %.1fs)",
+                         step, record["reward_mean"], record["accuracy"], record["completion_length"],
+                         record["rollout_s"], record["train_s"])
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                ckpt.save(step, {"state": state, "ref_params": ref_params}, config=cfg)
+        final = evaluate(grpo, state.params, heldout, eval_rng)
+        writer.write(step, {f"eval/{k}": v for k, v in final.items()})
+        ckpt.save(step, {"state": state, "ref_params": ref_params}, config=cfg, force=True)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+        writer.close()
+    return {**last, "step": step, "heldout": final}

@@ -1,0 +1,180 @@
+"""Batched sampling with a KV cache: one jitted prefill, then a `lax.while_loop` of decode steps.
+
+Dimension legend: B batch (rows), P prompt slots, N new-token slots (max_new_tokens),
+V vocabulary, S stop-token slots.
+
+    sampler = Sampler(model, max_prompt_len=64, max_new_tokens=128, pad_id=tok.pad_id)
+    out = sampler.generate(params, [tok.encode(p, add_bos=True) for p in prompts], rng,
+                           temperature=1.0, top_p=1.0, top_k=0, stop_tokens=[tok.eos_id])
+    out.tokens [B, N], out.mask [B, N], out.lengths [B], out.logprobs [B, N]
+
+Ragged prompts are LEFT-padded to P slots; every row's RoPE positions count its own real
+tokens (kv_cache.py), so a row's completion is what that prompt alone would give (with the
+default dropless MoE dispatch; capacity dispatch lets padding and other rows take capacity).
+Log-probabilities are the model's log-softmax at temperature 1 over the full vocabulary,
+evaluated at the sampled token, whatever temperature / top-k / top-p drew it: the
+old-policy log-probs GRPO's ratio needs (pi_old(o_t | ...)), not the sampling distribution's.
+Greedy decoding is temperature 0. Sampling is a pure function of (params, prompts, rng).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax import kv_cache
+from deepseek_jax.model import Transformer
+
+MAX_STOP_TOKENS = 8  # stop tokens are padded to this many slots so their number never recompiles
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    prompt_tokens: jax.Array  # [B, P] int32, left-padded with pad_id
+    prompt_lengths: jax.Array  # [B] int32 real prompt tokens
+    tokens: jax.Array  # [B, N] int32 completion; pad_id after the row stopped
+    mask: jax.Array  # [B, N] bool: sampled tokens, the stop token included
+    lengths: jax.Array  # [B] int32 = mask.sum(1)
+    logprobs: jax.Array  # [B, N] float32 log pi(token) at temperature 1; 0 where ~mask
+
+    def sequences(self):
+        """The prompt + completion as one training batch for `model.apply` (e.g. GRPO):
+        (tokens [B, P+N], positions [B, P+N], segment_ids [B, P+N] (0 = padding),
+        completion_mask [B, P+N]). Logits at column j predict tokens[:, j + 1]."""
+        prompt_valid = jnp.arange(self.prompt_tokens.shape[1])[None] >= (
+            self.prompt_tokens.shape[1] - self.prompt_lengths[:, None])
+        valid = jnp.concatenate([prompt_valid, self.mask], axis=1)
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+        completion = jnp.concatenate([jnp.zeros_like(prompt_valid), self.mask], axis=1)
+        tokens = jnp.concatenate([self.prompt_tokens, self.tokens], axis=1)
+        return tokens, positions, valid.astype(jnp.int32), completion
+
+
+def filter_logits(logits_BxV: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Logits of the sampling distribution: / temperature, then top-k, then top-p (nucleus).
+
+    top_k <= 0 and top_p >= 1 disable the filters; they are traced values, so changing them
+    never recompiles. Ties at the top-k / top-p boundary are all kept.
+    """
+    V = logits_BxV.shape[-1]
+    scaled = logits_BxV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    sorted_BxV = jnp.sort(scaled, axis=-1)[:, ::-1]
+    rank_V = jnp.arange(V)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    in_top_k = rank_V[None] < k
+    probs_sorted = jax.nn.softmax(jnp.where(in_top_k, sorted_BxV, -jnp.inf), axis=-1)
+    # Keep a token while the mass of the strictly better ones is below top_p (always the first).
+    mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
+    keep_sorted = in_top_k & (mass_before < top_p)
+    threshold_B = jnp.min(jnp.where(keep_sorted, sorted_BxV, jnp.inf), axis=-1)
+    return jnp.where(scaled >= threshold_B[:, None], scaled, -jnp.inf)
+
+
+def sample_tokens(logits_BxV: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """[B] tokens: argmax when temperature == 0, else a draw from `filter_logits`."""
+    drawn = jax.random.categorical(key, filter_logits(logits_BxV, temperature, top_k, top_p), axis=-1)
+    return jnp.where(temperature > 0, drawn, jnp.argmax(logits_BxV, axis=-1)).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B, length] right-aligned, lengths [B]) from a list of token-id lists."""
+    out = np.full((len(prompts), length), pad_id, np.int32)
+    lengths = np.zeros((len(prompts),), np.int32)
+    for b, p in enumerate(prompts):
+        if not 1 <= len(p) <= length:
+            raise ValueError(f"prompt {b} has {len(p)} tokens; need 1..max_prompt_len={length} "
+                             "(start empty prompts with a BOS token, or raise max_prompt_len)")
+        out[b, length - len(p):] = p
+        lengths[b] = len(p)
+    return out, lengths
+
+
+class Sampler:
+    """Compiled generation for one model and fixed (max_prompt_len, max_new_tokens).
+
+    The batch size is taken from the prompts (a new batch size compiles once more).
+    `absorbed` selects MLA's absorbed decode (default) or the naive expanded one; the prompt
+    is always prefilled expanded (compute-bound there, where absorbing costs C/N more FLOPs).
+    `vocab_limit`: never sample ids >= it (a checkpoint's embedding rows past the tokenizer's
+    vocabulary); the reported log-probs stay the model's full-vocabulary log-softmax.
+    """
+
+    def __init__(self, model: Transformer, max_prompt_len: int, max_new_tokens: int, pad_id: int = 0,
+                 absorbed: bool = True, cache_dtype=None, vocab_limit: Optional[int] = None):
+        if max_prompt_len < 1 or max_new_tokens < 1:
+            raise ValueError(f"need max_prompt_len >= 1 and max_new_tokens >= 1; got "
+                             f"{max_prompt_len}, {max_new_tokens}")
+        self.model, self.pad_id, self.absorbed = model, pad_id, absorbed
+        self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
+        self.cache_dtype, self.vocab_limit = cache_dtype, vocab_limit
+        self._generate = jax.jit(self._generate_impl)
+
+    def generate(self, params, prompts: Union[Sequence[Sequence[int]], np.ndarray, jax.Array], rng: jax.Array, *,
+                 prompt_lengths: Optional[Union[np.ndarray, jax.Array]] = None, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, stop_tokens: Sequence[int] = ()) -> SampleOutput:
+        """Samples up to max_new_tokens per row; a row stops after emitting any `stop_tokens`.
+
+        `prompts`: a list of token-id lists, or an already left-padded int array [B, P] with
+        `prompt_lengths` [B] (P == max_prompt_len).
+        """
+        if isinstance(prompts, (list, tuple)):
+            tokens, lengths = left_pad(prompts, self.max_prompt_len, self.pad_id)
+        else:
+            if prompt_lengths is None or prompts.shape[1] != self.max_prompt_len:
+                raise ValueError(f"a prompt array needs shape [B, max_prompt_len={self.max_prompt_len}] "
+                                 f"(got {prompts.shape}) and prompt_lengths [B] (left padding)")
+            tokens, lengths = prompts, prompt_lengths
+        stop = list(stop_tokens)
+        if len(stop) > MAX_STOP_TOKENS:
+            raise ValueError(f"{len(stop)} stop tokens; at most {MAX_STOP_TOKENS} (MAX_STOP_TOKENS)")
+        stop_S = jnp.asarray(stop + [-1] * (MAX_STOP_TOKENS - len(stop)), jnp.int32)
+        return self._generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), rng,
+                              jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), stop_S)
+
+    def _generate_impl(self, params, prompt_BxP, lengths_B, rng, temperature, top_p, top_k, stop_S):
+        B, P = prompt_BxP.shape
+        N = self.max_new_tokens
+        apply = functools.partial(self.model.apply, {"params": params})
+        valid_BxP = jnp.arange(P)[None] >= P - lengths_B[:, None]
+        # N - 1 decode steps: the last sampled token is never fed back.
+        cache = kv_cache.init_cache(self.model.config, B, P + N - 1, self.cache_dtype)
+        out, cache = apply(prompt_BxP, segment_ids=valid_BxP.astype(jnp.int32), cache=cache, absorbed=False)
+
+        def pick(i, logits_BxV, done_B, tokens_BxN, logprobs_BxN):
+            allowed = logits_BxV
+            if self.vocab_limit is not None:
+                allowed = jnp.where(jnp.arange(logits_BxV.shape[-1]) < self.vocab_limit, logits_BxV, -jnp.inf)
+            token_B = sample_tokens(allowed, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+            logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
+            token_B = jnp.where(done_B, self.pad_id, token_B)
+            tokens_BxN = tokens_BxN.at[:, i].set(token_B)
+            logprobs_BxN = logprobs_BxN.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
+            done_B = done_B | jnp.isin(token_B, stop_S)
+            return token_B, done_B, tokens_BxN, logprobs_BxN
+
+        done0 = jnp.zeros((B,), bool)
+        tokens0 = jnp.full((B, N), self.pad_id, jnp.int32)
+        # Left padding puts every row's last prompt token in the last column.
+        state = (jnp.int32(1), cache) + pick(0, out.logits[:, -1], done0, tokens0, jnp.zeros((B, N), jnp.float32))
+
+        def cond(state):
+            i, _, _, done_B, _, _ = state
+            return (i < N) & ~jnp.all(done_B)
+
+        def body(state):
+            i, cache, token_B, done_B, tokens_BxN, logprobs_BxN = state
+            out, cache = apply(token_B[:, None], cache=cache, absorbed=self.absorbed)
+            return (i + 1, cache) + pick(i, out.logits[:, 0], done_B, tokens_BxN, logprobs_BxN)
+
+        _, _, _, _, tokens_BxN, logprobs_BxN = jax.lax.while_loop(cond, body, state)
+        # A position is sampled iff no stop token came strictly before it.
+        stopped_BxN = jnp.isin(tokens_BxN, stop_S)
+        mask_BxN = jnp.cumsum(stopped_BxN, axis=1) - stopped_BxN == 0
+        tokens_BxN = jnp.where(mask_BxN, tokens_BxN, self.pad_id)
+        return SampleOutput(prompt_tokens=prompt_BxP, prompt_lengths=lengths_B, tokens=tokens_BxN, mask=mask_BxN,
+                            lengths=mask_BxN.sum(axis=1, dtype=jnp.int32),
+                            logprobs=jnp.where(mask_BxN, logprobs_BxN, 0.0))

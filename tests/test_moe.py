@@ -1,0 +1,248 @@
+"""MoE layer: dispatch backends x meshes against the single-device dense reference, the CPU
+grouped matmul's HLO, capacity drop accounting, Pallas routing, and load balancing.
+
+Oracles: `expert_ffn_dense` on one device (every expert on every token, a plain [N, E]
+combine), numpy counts, and the closed-form statistics of hand-made loads.
+"""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax import moe, sharding
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.outputs import MoEStats
+
+RTOL = 1e-5
+# V3-style routing (sigmoid, selection bias, top-2-sum groups, renormalised, scaled), small.
+CFG = ModelConfig(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=16,
+                  n_shared_experts=1, scoring_func="sigmoid", n_group=8, topk_group=4, group_score="top2_sum",
+                  norm_topk_prob=True, routed_scaling_factor=2.5, router_bias=True, capacity_factor=16.0)
+B, T = 8, 4
+MESHES = {"8data": dict(data=8), "2data_4expert": dict(data=2, expert=4),
+          "2fsdp_4expert": dict(fsdp=2, expert=4), "8expert": dict(data=1, expert=8)}
+
+
+def _rel(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    x = jax.random.normal(jax.random.key(1), (B, T, CFG.hidden_size))
+    params = nn.meta.unbox(moe.MoE(CFG).init(jax.random.key(0), x)["params"])
+    # A non-zero bias, so selection differs from the un-biased scores (it must only select).
+    params["e_score_correction_bias"] = 0.1 * jax.random.normal(jax.random.key(3), (CFG.n_routed_experts,))
+    r = jax.random.normal(jax.random.key(2), x.shape)
+    return x, params, r
+
+
+def _loss_and_grad(cfg, r):
+    def f(p, x):
+        y, stats = moe.MoE(cfg).apply({"params": p}, x)
+        return jnp.sum(y * r), (y, stats)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    x, params, r = setup
+    (_, (y, stats)), grads = _loss_and_grad(CFG.replace(moe_dispatch="dense"), r)(params, x)
+    return y, grads, stats
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity", "dense"])
+def test_backend_and_mesh_match_single_device_dense(setup, reference, mesh_name, dispatch):
+    x, params, r = setup
+    y_ref, g_ref, stats_ref = reference
+    mesh = sharding.make_mesh(MESHES[mesh_name])
+    fn = _loss_and_grad(CFG.replace(moe_dispatch=dispatch), r)
+    with jax.set_mesh(mesh):
+        (_, (y, stats)), grads = fn(params, jax.device_put(x, sharding.batch_sharding(mesh, 3)))
+        if dispatch == "dropless" and mesh.shape["expert"] > 1:  # really expert-parallel
+            assert "all-to-all" in fn.lower(params, x).compile().as_text()
+    assert _rel(y, y_ref) <= RTOL
+    for (path, g), g0 in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(g_ref)):
+        assert _rel(g, g0) <= RTOL, jax.tree_util.keystr(path)
+    assert int(stats["dropped"]) == 0
+    np.testing.assert_array_equal(stats["counts"], stats_ref["counts"])
+
+
+def _random_routing(key, N, E, K, D=16, F=8, skew=False):
+    ks = jax.random.split(key, 6)
+    x = jax.random.normal(ks[0], (N, D))
+    ws = [0.3 * jax.random.normal(ks[1], (E, D, F)), 0.3 * jax.random.normal(ks[2], (E, D, F)),
+          0.3 * jax.random.normal(ks[3], (E, F, D))]
+    logits = jax.random.normal(ks[4], (N, E))
+    if skew:  # every token picks the same K experts: the worst case for a capacity bound
+        logits = logits + 100.0 * (jnp.arange(E) < K)
+    weights, ids = jax.lax.top_k(jax.nn.softmax(logits), K)
+    return x, ws, weights, ids.astype(jnp.int32)
+
+
+@pytest.mark.parametrize("impl", ["tiled", "ragged"])
+@pytest.mark.parametrize("skew", [False, True])
+def test_grouped_matmul_is_exact_and_dropless(impl, skew):
+    x, ws, weights, ids = _random_routing(jax.random.key(5), 48, 16, 3, skew=skew)
+    loss = lambda fn: lambda ws, x: jnp.sum(jnp.sin(fn(x, *ws, weights, ids)[0]))
+    dropless = lambda *a: moe.expert_ffn_dropless(*a, impl=impl)
+    y, y_ref = jax.jit(dropless)(x, *ws, weights, ids)[0], jax.jit(moe.expert_ffn_dense)(x, *ws, weights, ids)[0]
+    assert _rel(y, y_ref) <= RTOL
+    g = jax.jit(jax.grad(loss(dropless), argnums=(0, 1)))(ws, x)
+    g_ref = jax.jit(jax.grad(loss(moe.expert_ffn_dense), argnums=(0, 1)))(ws, x)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        assert _rel(a, b) <= RTOL
+
+
+def _dot_output_sizes(hlo_text: str) -> list[int]:
+    """Element counts of every dot's result in compiled HLO text."""
+    sizes = []
+    for m in re.finditer(r"= f32\[([\d,]*)\][^=]*? dot\(", hlo_text):
+        dims = [int(d) for d in m.group(1).split(",") if d]
+        sizes.append(int(np.prod(dims)) if dims else 1)
+    return sizes
+
+
+def test_cpu_dropless_hlo_has_no_masked_dense_dot():
+    N, E, K, D, F = 64, 32, 2, 16, 8
+    x, ws, weights, ids = _random_routing(jax.random.key(6), N, E, K, D, F)
+
+    def hlo(impl):
+        f = lambda ws, x: jnp.sum(moe.expert_ffn_dropless(x, *ws, weights, ids, impl=impl)[0])
+        return jax.jit(jax.grad(f, argnums=(0, 1))).lower(ws, x).compile().as_text()
+
+    R = moe.dropless_tile_rows(N * K, E)
+    # Largest honest dot: one tile against one expert, or one expert's weight gradient.
+    bound = max(R * max(D, F), D * F)
+    assert moe.grouped_impl() == "tiled"
+    sizes = _dot_output_sizes(hlo("tiled"))
+    assert sizes and max(sizes) <= bound, (sizes, bound)
+    # Positive control: XLA:CPU's ragged_dot lowering has dots spanning all tokens x experts.
+    assert max(_dot_output_sizes(hlo("ragged"))) >= N * K * F
+
+
+def test_capacity_counts_drops_exactly():
+    N, E, K = 40, 8, 2
+    x, ws, weights, ids = _random_routing(jax.random.key(7), N, E, K)
+    per_expert = np.bincount(np.asarray(ids).reshape(-1), minlength=E)
+    capacity_ffn = jax.jit(moe.expert_ffn_capacity, static_argnums=6)
+    for capacity in (2, 9):
+        _, dropped = capacity_ffn(x, *ws, weights, ids, capacity)
+        assert int(dropped) == int(np.maximum(per_expert - capacity, 0).sum()) > 0
+    out, dropped = capacity_ffn(x, *ws, weights, ids, N)  # enough: nothing dropped
+    assert int(dropped) == 0 and _rel(out, jax.jit(moe.expert_ffn_dense)(x, *ws, weights, ids)[0]) <= RTOL
+
+
+def test_capacity_drops_on_expert_mesh_are_summed_per_source_device(setup):
+    x, params, _ = setup
+    cfg = CFG.replace(moe_dispatch="capacity", capacity_factor=0.5)
+    mesh = sharding.make_mesh(MESHES["2data_4expert"])
+    with jax.set_mesh(mesh):
+        _, stats = jax.jit(moe.MoE(cfg).apply)({"params": params}, x)
+    # GShard capacity per source device: C = ceil(n K / E * factor) for its n = N / 8 tokens.
+    _, ids = moe.route(x.reshape(B * T, -1) @ params["router"], params["e_score_correction_bias"], cfg)
+    n = B * T // 8
+    C = moe.expert_capacity(n, cfg)
+    expected = sum(np.maximum(np.bincount(np.asarray(ids[d * n:(d + 1) * n]).reshape(-1),
+                                          minlength=cfg.n_routed_experts) - C, 0).sum() for d in range(8))
+    assert expected > 0 and int(stats["dropped"]) == expected
+
+
+def test_pallas_routing_layer_matches_xla(setup):
+    x, params, r = setup
+    (_, (y, stats)), g = _loss_and_grad(CFG.replace(routing_impl="pallas"), r)(params, x)
+    (_, (y0, stats0)), g0 = _loss_and_grad(CFG.replace(routing_impl="xla"), r)(params, x)
+    np.testing.assert_array_equal(stats["counts"], stats0["counts"])
+    assert _rel(y, y0) <= RTOL
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+        assert _rel(a, b) <= RTOL
+
+
+def test_group_tokens_counts_each_token_once_per_group(setup):
+    x, params, _ = setup
+    _, stats = moe.MoE(CFG).apply({"params": params}, x)
+    _, ids = moe.route(x.reshape(B * T, -1) @ params["router"], params["e_score_correction_bias"], CFG)
+    per_group = CFG.n_routed_experts // CFG.n_group
+    groups = np.asarray(ids).reshape(B, T, -1) // per_group
+    expected = np.zeros((B, CFG.n_group))
+    for b in range(B):
+        for t in range(T):
+            for g in set(groups[b, t].tolist()):
+                expected[b, g] += 1
+    np.testing.assert_array_equal(stats["group_tokens"], expected)
+    assert np.all(expected.sum(-1) <= T * CFG.topk_group)  # the group limit holds
+
+
+def test_update_router_biases_walks_layers_in_moe_stats_order():
+    zeros = jnp.zeros((4,))
+    params = {"embed": {"embedding": jnp.ones((3, 2))},
+              "layers_10": {"mlp": {"e_score_correction_bias": zeros}},
+              "layers_2": {"mlp": {"e_score_correction_bias": zeros + 1.0}},
+              "layers_0": {"mlp": {"gate_proj": jnp.ones((2, 2))}},
+              "mtp_0": {"block": {"mlp": {"e_score_correction_bias": zeros}}}}
+    counts = jnp.array([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [1.0, 1.0, 1.0, 1.0]])
+    new = moe.update_router_biases(params, counts, 0.5)
+    # Row 0 -> layers_2, row 1 -> layers_10 (numeric, not string order), row 2 -> mtp_0.
+    np.testing.assert_allclose(new["layers_2"]["mlp"]["e_score_correction_bias"], [0.5, 1.5, 1.5, 1.5])
+    np.testing.assert_allclose(new["layers_10"]["mlp"]["e_score_correction_bias"], [0.5, -0.5, 0.5, 0.5])
+    np.testing.assert_allclose(new["mtp_0"]["block"]["mlp"]["e_score_correction_bias"], zeros)
+    assert new["layers_0"] is params["layers_0"] or np.all(new["layers_0"]["mlp"]["gate_proj"] == 1)
+    with pytest.raises(ValueError, match="3 layers but the params hold"):
+        moe.update_router_biases({"layers_2": params["layers_2"]}, counts, 0.5)
+
+
+def _bias_loop(params, x, mesh, steps, rate):
+    """`steps` rounds of: route the batch, update the bias from its global counts."""
+    cfg = CFG.replace(n_shared_experts=0)
+
+    @jax.jit
+    def step(tree):
+        _, stats = moe.MoE(cfg).apply({"params": tree["layers_1"]["mlp"]}, x)
+        counts_LxE = stats["counts"].sum(0)[None]
+        return moe.update_router_biases(tree, counts_LxE, rate), counts_LxE[0]
+
+    tree, loads = {"layers_1": {"mlp": params}}, []
+    with jax.set_mesh(mesh) if mesh is not None else _null():
+        for _ in range(steps):
+            tree, load = step(tree)
+            loads.append(np.asarray(load))
+    return tree["layers_1"]["mlp"]["e_score_correction_bias"], np.stack(loads)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_bias_update_balances_a_skewed_router_identically_on_every_mesh(setup):
+    x, params, _ = setup
+    params = dict(params, e_score_correction_bias=jnp.zeros((CFG.n_routed_experts,)))
+    # Skew: a router column pattern that strongly prefers the first experts for every token.
+    params["router"] = params["router"] + 0.6 * jnp.linspace(1.0, -1.0, CFG.n_routed_experts)[None] \
+        * jnp.sign(x.reshape(B * T, -1).mean(0))[:, None]
+    bias, loads = _bias_loop(params, x, None, 40, 0.02)
+    cv = loads.std(-1) / loads.mean(-1)
+    assert cv[0] > 1.0 and cv[-5:].mean() < 0.5 * cv[0], cv
+    stats = moe.load_stats(MoEStats(counts=jnp.asarray(loads[:, None]), probs=None, router_z=None, tokens=None,
+                                    dropped=jnp.zeros(len(loads))))
+    np.testing.assert_allclose(stats["cv"], cv, rtol=1e-5)
+    bias_ep, loads_ep = _bias_loop(params, x, sharding.make_mesh(MESHES["2data_4expert"]), 40, 0.02)
+    np.testing.assert_array_equal(loads_ep, loads)
+    np.testing.assert_array_equal(bias_ep, bias)
+
+
+def test_load_stats_closed_form():
+    counts = jnp.array([[[3.0, 1.0, 0.0, 0.0]], [[1.0, 1.0, 1.0, 1.0]]])  # [L=2, B=1, E=4]
+    stats = moe.load_stats(MoEStats(counts=counts, probs=None, router_z=None, tokens=None,
+                                    dropped=jnp.array([1, 0])))
+    np.testing.assert_allclose(stats["max_over_mean"], [3.0, 1.0])
+    np.testing.assert_allclose(stats["min_over_mean"], [0.0, 1.0])
+    np.testing.assert_allclose(stats["cv"], [np.std([3, 1, 0, 0]) / 1.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(stats["drop_rate"], [0.25, 0.0])
