@@ -10,15 +10,12 @@ install: $(if $(VIRTUAL_ENV),,.venv/bin/python)
 test: install
 	$(PY) -m pytest -q -n 2 tests
 
-# Interim demo (until the R1 recipe replaces it): tiny DeepSeek-V3 on the embedded synthetic
-# tasks, a progress bar, TensorBoard logs in runs/demo/tb. 2-4 minutes on 2 CPU cores (~1 compiling).
-DEMO_STEPS ?= 60
+# The miniature R1 recipe on the embedded arithmetic tasks: pretrain -> cold-start SFT -> GRPO
+# -> rejection sampling -> a dense student; prints the before/after table and writes
+# runs/demo/summary.json and runs/demo/reward_curve.png. Finished stages are skipped on a rerun
+# (rm -rf runs/demo to start over). About 15 minutes on 2 CPU cores.
 demo: install
-	rm -rf runs/demo
-	$(PY) -m deepseek_jax.train --config configs/tiny_v3.py --workdir runs/demo \
-		--config.total_steps=$(DEMO_STEPS) --config.optimizer.warmup_steps=5 \
-		--config.log_every=5 --config.eval_every=20 --config.checkpoint_every=20
-	@echo "metrics: runs/demo/metrics.jsonl   TensorBoard: tensorboard --logdir runs/demo/tb"
+	$(PY) experiments/r1_pipeline.py --workdir runs/demo
 
 # Every benchmark in experiments/benchmarks/ in full mode, each writing its RESULTS.md section
 # (never part of `make test`). GPU-only scripts (gpu_*.py) run only where jax sees a GPU.

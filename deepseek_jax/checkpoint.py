@@ -145,21 +145,28 @@ class Checkpointer:
     def restore_step(self, step: int, abstract_state: Any, *, data_iterator=None) -> Restored:
         """Restores one step; `abstract_state` is a tree of ShapeDtypeStructs with shardings."""
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
-        # Grain keeps one position per process; a different process count cannot reuse them.
-        data_file = os.path.join(self.step_dir(step), DATA,
-                                 f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-        has_data = os.path.isfile(data_file)
-        if data_iterator is not None and has_data:
+        # Every process iterates the same global pipeline (trainer.py), so any process's saved
+        # position is every process's: a run may resume on a different process count.
+        data_dir = os.path.join(self.step_dir(step), DATA)
+        own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+        saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_")) \
+            if os.path.isdir(data_dir) else []
+        if data_iterator is not None and os.path.isfile(own):
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         if os.path.isdir(os.path.join(self.step_dir(step), CONFIG)):
             items[CONFIG] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        if data_iterator is not None and not has_data:
-            log.warning("checkpoint %s has no data-iterator state for this process (%s; saved without "
-                        "one, or by a different number of processes): the input restarts from its "
-                        "beginning", self.step_dir(step), os.path.basename(data_file))
+        data_restored = DATA in items
+        if data_iterator is not None and not data_restored and saved:
+            with open(os.path.join(data_dir, saved[0])) as f:
+                data_iterator.set_state(json.load(f))
+            data_restored = True
+            log.info("data position restored from %s (saved by a different process count)", saved[0])
+        elif data_iterator is not None and not data_restored:
+            log.warning("checkpoint %s has no data-iterator state: the input restarts from its "
+                        "beginning", self.step_dir(step))
         return Restored(step=step, state=out[STATE], config=out.get(CONFIG) if CONFIG in items else None,
-                        data_restored=DATA in items)
+                        data_restored=data_restored)
 
     def restore(self, abstract_state: Any, *, data_iterator=None) -> Optional[Restored]:
         """Restores the newest readable checkpoint, or returns None when there is none.

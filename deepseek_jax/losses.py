@@ -77,6 +77,9 @@ class LossConfig:
     aggregation: str = "token_mean"
     max_len: Optional[int] = None  # Dr. GRPO constant normaliser; None = the batch's T
     ratio_level: str = "token"  # "sequence" = GSPO length-normalised sequence ratio
+    # The policy whose samples GRPO scores is softmax(logits / policy_temperature): the
+    # sampling temperature. Ratios, KL and entropy then all refer to that distribution.
+    policy_temperature: float = 1.0
     # Logit distillation (Hinton et al. 2015).
     temperature: float = 1.0
     distill_alpha: float = 1.0  # weight of the KD term; 1 - distill_alpha weighs the CE
@@ -93,6 +96,8 @@ class LossConfig:
         check(0.0 <= self.eps_low < 1.0, "eps_low", "the lower clip 1 - eps_low must stay in (0, 1]")
         check(self.eps_high >= 0.0, "eps_high", "must be >= 0")
         check(self.temperature > 0.0, "temperature", "must be > 0")
+        check(self.policy_temperature > 0.0, "policy_temperature",
+              "must be > 0 (the sampling temperature; greedy rollouts cannot be trained on)")
         check(0.0 <= self.distill_alpha <= 1.0, "distill_alpha", "must be in [0, 1]")
         check(self.max_len is None or self.max_len > 0, "max_len", "use None (= T) or a positive length")
         # Both coefficients weigh the same formula (V3 eq. 17-20 is V2 eq. 12-14 per sequence).
@@ -441,7 +446,8 @@ def grpo_loss(params, batch, rng, *, model, cfg=None):
     local, norm = _normalisers("grpo", batch, cfg)
     out = _forward(model, params, batch)
     mask = batch["loss_mask"].astype(jnp.float32)
-    logp, _ = token_logprobs(out.logits, batch["targets"])
+    logits = out.logits / cfg.policy_temperature
+    logp, _ = token_logprobs(logits, batch["targets"])
     terms = grpo_token_objective(logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
                                  mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
                                  ratio_level=cfg.ratio_level)
@@ -451,7 +457,7 @@ def grpo_loss(params, batch, rng, *, model, cfg=None):
     metrics = {"pg_loss": -agg(jax.lax.stop_gradient(terms["surrogate"])), "kl": token_mean(terms["kl"]),
                "ratio": token_mean(terms["ratio"]), "clip_frac_low": token_mean(terms["clipped_low"]),
                "clip_frac_high": token_mean(terms["clipped_high"]),
-               "entropy": token_mean(token_entropy(out.logits)), **local}
+               "entropy": token_mean(token_entropy(logits)), **local}
     router, router_metrics = _router_terms(out, model, cfg, norm["rows"])
     metrics.update(router_metrics)
     loss = loss + router

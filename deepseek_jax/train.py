@@ -24,6 +24,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-host).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list("local_device_ids", None, "Devices this process uses (multi-host).")
+_PEER_TIMEOUT = flags.DEFINE_integer(
+    "peer_timeout_s", 100, "Multi-host: seconds without a heartbeat after which a lost process "
+    "makes the others fail (instead of waiting in a collective forever).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,7 +36,9 @@ def main(argv):
     # --- multi-host start-up: before anything asks JAX for devices ---
     from deepseek_jax import distributed
 
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    local_ids = [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, local_ids,
+                           heartbeat_timeout_s=_PEER_TIMEOUT.value)
     # Our progress at INFO; libraries that log through absl (Orbax: several lines per save) at WARNING.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("deepseek_jax").setLevel(logging.INFO)

@@ -12,10 +12,13 @@
 Data iteration is kept apart from the step: `build_data` gives this host's Grain
 pipeline, `global_batch` turns a host's numpy batch into the global sharded batch.
 
-Batch sizes: `data.batch_size` is the GLOBAL batch (rows per optimizer step). Each of the
-P processes reads batch_size / P rows of its own shard of the data (Grain
-`shard_index=process_index`), and the global batch is the processes' rows concatenated
-in process order (`jax.make_array_from_process_local_data`).
+Batch sizes: `data.batch_size` is the GLOBAL batch (rows per optimizer step). Every
+process runs the same Grain pipeline and produces the same global batch; each device then
+takes its own rows of it (`jax.make_array_from_callback`). So the data order is a function
+of the seed and the global batch index only: the same batches come out whatever the
+process count, and a checkpoint's data position restores on any process count. The cost
+is that every host tokenises and packs the whole global batch (cheap next to a train
+step of a model worth several hosts; a per-row-stream split would avoid it).
 
 Exact resume: the checkpoint holds the TrainState (params incl. router biases, optimizer
 state, RNG key data, step) and the Grain iterator position, so a run restarted from step
@@ -200,9 +203,9 @@ def build_data(cfg: ml_collections.ConfigDict, split: str = "train", *, model_vo
     if source is None:
         return None
     make = data_pipeline.make_sft_dataset if cfg.loss == "sft" else data_pipeline.make_pretrain_dataset
-    pipe = make(source, cfg.data.tokenizer, seq_len=cfg.data.seq_len,
-                batch_size=cfg.data.batch_size // jax.process_count(), seed=cfg.seed,
-                shard_index=jax.process_index(), shard_count=jax.process_count(), overlong=cfg.data.overlong)
+    # The whole global batch on every process (module docstring: process-count independent).
+    pipe = make(source, cfg.data.tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
+                seed=cfg.seed, overlong=cfg.data.overlong)
     if model_vocab is not None and pipe.tokenizer.vocab_size > model_vocab:
         raise ConfigError(f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary "
                           f"({pipe.tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r}); "
@@ -210,13 +213,14 @@ def build_data(cfg: ml_collections.ConfigDict, split: str = "train", *, model_vo
     return pipe
 
 
-def global_batch(local_batch: dict, mesh) -> dict:
-    """This process's rows -> global arrays split over the batch axes of `mesh`."""
+def global_batch(host_batch: dict, mesh) -> dict:
+    """The global batch (the same numpy arrays on every process) -> arrays split over the
+    batch axes of `mesh`; each device copies only its own rows."""
     out = {}
-    for k, v in local_batch.items():
+    for k, v in host_batch.items():
         v = np.asarray(v)
-        shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v, shape)
+        out[k] = jax.make_array_from_callback(v.shape, sharding.batch_sharding(mesh, v.ndim),
+                                              lambda index, v=v: v[index])
     return out
 
 

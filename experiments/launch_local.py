@@ -42,13 +42,15 @@ def _pump(stream, prefix: str) -> None:
 
 
 def launch(command: list[str], num_processes: int, devices_per_process: int,
-           port: int | None = None, grace_s: float = 60.0) -> int:
+           port: int | None = None, grace_s: float = 60.0, cwd: str | None = None,
+           extra_env: dict | None = None) -> int:
     port = port or free_port()
     procs = []
     for i in range(num_processes):
         argv = command + [f"--coordinator=127.0.0.1:{port}", f"--num_processes={num_processes}",
                           f"--process_id={i}"]
-        p = subprocess.Popen(argv, env=child_env(devices_per_process), stdout=subprocess.PIPE,
+        p = subprocess.Popen(argv, env={**child_env(devices_per_process), **(extra_env or {})}, cwd=cwd,
+                             stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=_pump, args=(p.stdout, f"[{i}] "), daemon=True).start()
         procs.append(p)

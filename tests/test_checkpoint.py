@@ -180,9 +180,9 @@ def test_empty_directory_restores_nothing(tmp_path):
     assert Checkpointer(str(tmp_path / "new")).restore(_abstract(_state())) is None
 
 
-def test_state_restores_without_a_matching_data_position(tmp_path, caplog):
-    """A checkpoint saved by another number of processes still restores the model; the
-    input restarts (Grain positions are per process), with a warning that says so."""
+def test_data_position_restores_on_a_different_process_count(tmp_path):
+    """Every process iterates the same global pipeline, so a position saved by a run with
+    another number of processes is this run's position too (trainer.py)."""
     it = iter(_dataset())
     next(it)
     ckpt = Checkpointer(str(tmp_path))
@@ -191,8 +191,20 @@ def test_state_restores_without_a_matching_data_position(tmp_path, caplog):
     data_dir = tmp_path / "1" / "data"
     os.rename(data_dir / "process_0-of-1.json", data_dir / "process_0-of-2.json")
     fresh = iter(_dataset())
+    got = Checkpointer(str(tmp_path)).restore(_abstract(_state()), data_iterator=fresh)
+    assert got.step == 1 and got.data_restored
+    expected = iter(_dataset())
+    next(expected)
+    np.testing.assert_array_equal(next(fresh), next(expected))
+
+
+def test_missing_data_position_restarts_the_input_with_a_warning(tmp_path, caplog):
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, _state(1))  # saved without an iterator
+    ckpt.wait()
+    fresh = iter(_dataset())
     with caplog.at_level(logging.WARNING, logger="deepseek_jax.checkpoint"):
         got = Checkpointer(str(tmp_path)).restore(_abstract(_state()), data_iterator=fresh)
     assert got.step == 1 and not got.data_restored
     np.testing.assert_array_equal(next(fresh), next(iter(_dataset())))
-    assert any("process_0-of-1.json" in r.getMessage() for r in caplog.records)
+    assert any("restarts from its beginning" in r.getMessage() for r in caplog.records)

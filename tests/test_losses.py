@@ -417,6 +417,24 @@ def test_grpo_loss_matches_numpy(mode):
     np.testing.assert_allclose(metrics["entropy"], tmean(-(pr * np.log(pr)).sum(-1)), rtol=1e-5)
 
 
+def test_grpo_policy_temperature_scores_the_tempered_policy():
+    """With policy_temperature T the ratio and entropy are those of softmax(logits / T)."""
+    model, params = init(FakeConfig(num_mtp_layers=0, n_routed_experts=0))
+    batch, _ = grpo_batch(model, params)
+    T = 0.7
+    logits = forward_np(model, params, batch).logits / T
+    logp = token_logp_np(logits, batch["targets"])
+    cfg = L.LossConfig(beta=0.0, policy_temperature=T)
+    _, metrics = L.get_loss("grpo")(params, batch, None, model=model, cfg=cfg)
+    mask = batch["loss_mask"].astype(np.float64)
+    tmean = lambda x: (x * mask).sum() / mask.sum()
+    np.testing.assert_allclose(metrics["ratio"], tmean(np.exp(logp - batch["old_logprobs"])), rtol=1e-5)
+    pr = np.exp(log_softmax_np(logits))
+    np.testing.assert_allclose(metrics["entropy"], tmean(-(pr * np.log(pr)).sum(-1)), rtol=1e-5)
+    with pytest.raises(ValueError, match="policy_temperature"):
+        L.LossConfig(policy_temperature=0.0)
+
+
 def distill_batch(seed=9, topk=None):
     batch = make_batch(seed=seed)
     rng = np.random.default_rng(seed)

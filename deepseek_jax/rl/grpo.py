@@ -105,18 +105,33 @@ class GRPO:
             raise ValueError(f"grpo.estimator={self.g.estimator!r}: use one of {adv_lib.ESTIMATORS}")
         self.sampler = Sampler(parts.model, self.g.max_prompt_len, self.g.max_new_tokens,
                                pad_id=tokenizer.pad_id)
-        self.beta = experiment_beta(cfg)
-        self._ref_logprobs = jax.jit(self._ref_logprobs_impl)
+        loss_cfg = losses.LossConfig.coerce(dict(cfg.get("loss_config", {})))
+        self.beta, self.policy_temperature = loss_cfg.beta, loss_cfg.policy_temperature
+        if self.policy_temperature != self.g.temperature:
+            raise ValueError(
+                f"loss_config.policy_temperature={self.policy_temperature} but grpo.temperature="
+                f"{self.g.temperature}: the loss must score the distribution the rollouts were drawn "
+                "from; set both to the same value")
+        self._logprobs = jax.jit(self._logprobs_impl)
 
     # ----- pieces ------------------------------------------------------------------------------
 
     def _in_mesh(self):
         return _MeshContext(self.parts.mesh, self.parts.rules)
 
-    def _ref_logprobs_impl(self, params, batch):
+    def _logprobs_impl(self, params, batch):
         out = self.parts.model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
                                      segment_ids=batch["segment_ids"])
-        return losses.token_logprobs(out.logits, batch["targets"])[0]
+        return losses.token_logprobs(out.logits / self.policy_temperature, batch["targets"])[0]
+
+    def logprobs(self, params, batch: dict) -> np.ndarray:
+        """log pi(target) at the policy temperature for every column of a GRPO batch."""
+        from deepseek_jax.trainer import global_batch  # the trainer's host -> global array helper
+
+        keys = ("tokens", "positions", "segment_ids", "targets")
+        with self._in_mesh():
+            return np.asarray(self._logprobs(params, global_batch({k: batch[k] for k in keys},
+                                                                 self.parts.mesh)))
 
     def generate(self, params, problems: Sequence[dict], rng, *, temperature: float):
         prompts = encode_prompts(self.tokenizer, problems, self.g.max_prompt_len)
@@ -146,6 +161,9 @@ class GRPO:
         if self.g.mask_truncated:
             keep &= ~truncated
         batch = adv_lib.build_grpo_batch(*jax.device_get(sample.sequences()), sample.logprobs, advantages, keep)
+        if self.policy_temperature != 1.0:
+            # The sampler reports temperature-1 log-probs; the policy here is the tempered one.
+            batch["old_logprobs"] = self.logprobs(params, batch) * batch["loss_mask"]
         return Rollout(list(problems), texts, total, per_reward, lengths, truncated, batch, informative)
 
     def reference_logprobs(self, ref_params, batch: dict) -> np.ndarray:
@@ -153,10 +171,7 @@ class GRPO:
             # The KL term is off: skip the forward. With the old policy standing in, the
             # reported "kl" then measures the drift from the rollout policy instead.
             return batch["old_logprobs"]
-        from deepseek_jax.trainer import global_batch  # the trainer's host -> global array helper
-
-        with self._in_mesh():
-            return np.asarray(self._ref_logprobs(ref_params, global_batch(batch, self.parts.mesh)))
+        return self.logprobs(ref_params, batch)
 
     def step(self, state, ref_params, problems: Sequence[dict], rng):
         """One GRPO step; returns (state, host metrics, rollout)."""
@@ -233,10 +248,6 @@ def _task_options(g) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
-def experiment_beta(cfg) -> float:
-    return float(cfg.get("loss_config", {}).get("beta", losses.LossConfig().beta))
-
-
 class _MeshContext:
     """The ambient mesh and logical rules the model's sharding annotations read."""
 
@@ -283,7 +294,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, init_from: Optional[str] =
         if init_from is None:
             raise ValueError("GRPO starts from a trained policy: pass init_from=WORKDIR of the SFT run")
         state = warm_start.state_from_params(parts, warm_start.load_params(init_from, mesh))
-        ref_params = state.params
+        ref_params = jax.tree.map(jnp.copy, state.params)  # the step donates the state's buffers
     writer = MetricsWriter(workdir, resume_step=restored.step if restored is not None else None)
     step = int(jax.device_get(state.step))
     heldout = heldout_problems(cfg)

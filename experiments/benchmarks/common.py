@@ -1,0 +1,219 @@
+"""Shared helpers of the benchmark scripts: timing, matmul peak, machine description, RESULTS.md.
+
+    from experiments.benchmarks import common      # or `import common` from this folder
+    peak = common.matmul_peak_flops("bfloat16")     # FLOP/s of one large jitted matmul
+    times = common.alternate({"ours": step_a, "hf": step_b}, steps=5, warmup=2)
+    common.write_section(common.RESULTS, "train_step_vs_hf.py", body)
+
+Timing rules every script follows (several programs share small CPU machines, so absolute
+numbers drift between runs): medians rather than means, `block_until_ready` before the
+clock stops, and A/B comparisons measured in one process with the steps interleaved
+(`alternate`), so a slow period hits every variant alike. MFU is always divided by a peak
+measured in the same run, in the same dtype.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Mapping, Optional
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+RESULTS = REPO / "experiments" / "benchmarks" / "RESULTS.md"
+RESULTS_HEADER = ("# Benchmark results\n\nEach benchmark script keeps one section here, replaced "
+                  "each time it runs (`common.write_section`); the command and date are in it.\n")
+
+
+# ----- timing --------------------------------------------------------------------------------
+
+def block(x):
+    """Waits for every jax array in `x` (torch tensors and Python values pass through)."""
+    return jax.block_until_ready(x)
+
+
+def time_once(fn: Callable, *args) -> float:
+    """Seconds of one call of `fn(*args)`, its jax outputs waited for."""
+    start = time.perf_counter()
+    block(fn(*args))
+    return time.perf_counter() - start
+
+
+def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median seconds of `fn(*args)` over `repeats` calls after `warmup` untimed calls."""
+    for _ in range(warmup):
+        block(fn(*args))
+    return statistics.median(time_once(fn, *args) for _ in range(max(1, repeats)))
+
+
+def alternate(fns: Mapping[str, Callable[[], object]], steps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Interleaved timing: warm every variant up, then run step i of A, B, C.. in turn.
+
+    Each `fns[name]()` runs one step and returns something to block on. Returns the list of
+    per-step seconds of every variant; take `statistics.median` of each.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            block(fn())
+    times = {name: [] for name in fns}
+    for _ in range(max(1, steps)):
+        for name, fn in fns.items():
+            times[name].append(time_once(fn))
+    return times
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def enable_compile_cache(path=None) -> str:
+    """Persistent XLA compilation cache (the repository's .jax_cache unless JAX_COMPILATION_CACHE_DIR
+    is set): a program compiled twice in one run (AOT for cost analysis, then jit) or across
+    runs compiles once."""
+    path = str(path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or REPO / ".jax_cache")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+# ----- matmul peak ---------------------------------------------------------------------------
+
+def matmul_peak_flops(dtype="float32", n: Optional[int] = None, repeats: int = 5,
+                      device: Optional[jax.Device] = None) -> float:
+    """Achieved FLOP/s of one large jitted [n, n] @ [n, n] matmul on one device (median).
+
+    bfloat16 uses bf16 inputs with float32 accumulation (`preferred_element_type`), the way
+    the model's dense layers run in bf16. n defaults to 2048 on CPU (large enough to reach
+    the cores' plateau: AMX for bf16) and 8192 on accelerators.
+    """
+    device = device or jax.devices()[0]
+    dtype = jnp.dtype(dtype)
+    if n is None:
+        n = 2048 if device.platform == "cpu" else 8192
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.device_put(jax.random.normal(ka, (n, n), jnp.float32).astype(dtype), device)
+    b = jax.device_put(jax.random.normal(kb, (n, n), jnp.float32).astype(dtype), device)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    return 2.0 * n ** 3 / median_time(f, a, b, repeats=repeats, warmup=2)
+
+
+def torch_matmul_peak_flops(dtype="float32", n: int = 2048, repeats: int = 5) -> float:
+    """The same measurement through torch on CPU (the peak HF's MFU is divided by)."""
+    import torch
+
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[str(jnp.dtype(dtype))]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(tdtype)
+    b = torch.randn(n, n, generator=g).to(tdtype)
+    return 2.0 * n ** 3 / median_time(lambda: torch.matmul(a, b), repeats=repeats, warmup=2)
+
+
+# ----- machine -------------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: the description just leaves it out
+        return None
+
+
+def machine_info() -> dict:
+    """CPU count and model, accelerator, Python and library versions."""
+    dev = jax.devices()[0]
+    info = dict(cpus=os.cpu_count(), cpu_model=_cpu_model(), backend=jax.default_backend(),
+                device=f"{dev.platform} {dev.device_kind}", devices=jax.device_count(),
+                python=platform.python_version())
+    for m in ("jax", "flax", "optax", "torch", "transformers"):
+        info[m] = _version(m)
+    return info
+
+
+def machine_line(info: Optional[dict] = None) -> str:
+    """One markdown line describing the machine, for a RESULTS.md section."""
+    i = info or machine_info()
+    libs = ", ".join(f"{m} {i[m]}" for m in ("jax", "flax", "optax", "torch", "transformers") if i.get(m))
+    return (f"Machine: {i['cpus']} CPUs ({i['cpu_model']}), {i['device']} x{i['devices']}; "
+            f"Python {i['python']}; {libs}.")
+
+
+def utc_stamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command_line(script: str, argv=None) -> str:
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", f"experiments/benchmarks/{script}", *args])
+
+
+# ----- RESULTS.md ----------------------------------------------------------------------------
+
+def _split_sections(text: str) -> tuple[str, list[str]]:
+    """(text before the first `## ` heading, [each `## ` section with its trailing text])."""
+    starts = [m.start() for m in re.finditer(r"^## ", text, flags=re.M)]
+    if not starts:
+        return text, []
+    bounds = starts + [len(text)]
+    return text[:starts[0]], [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def section_key(section: str) -> str:
+    """The owner of a section: its heading up to the first comma (`## gpu_routing.py, date`)."""
+    heading = section.splitlines()[0][3:]
+    return heading.split(",", 1)[0].strip()
+
+
+def write_section(path, key: str, body: str, title_suffix: Optional[str] = None) -> str:
+    """Writes `## {key}, {date}` + body into the markdown file at `path`.
+
+    The section REPLACES every earlier section whose heading starts with `## {key},` (or is
+    exactly `## {key}`), at the place of the first of them; sections of other keys stay
+    untouched and in order. A new key is appended at the end. The file gets a header when
+    it does not exist. Returns the new section's text.
+    """
+    path = pathlib.Path(path)
+    text = path.read_text() if path.exists() else RESULTS_HEADER
+    head, sections = _split_sections(text)
+    title = f"## {key}, {title_suffix or utc_stamp()}"
+    new = f"{title}\n\n{body.strip()}\n\n"
+    out, placed = [], False
+    for s in sections:
+        if section_key(s) == key:
+            if not placed:
+                out.append(new)
+                placed = True
+            continue
+        out.append(s if s.endswith("\n\n") else s.rstrip("\n") + "\n\n")
+    if not placed:
+        out.append(new)
+    if not head.endswith("\n\n"):
+        head = head.rstrip("\n") + "\n\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text((head + "".join(out)).rstrip("\n") + "\n")
+    return new
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Smoke runs of the benchmark scripts' --quick paths, and common.write_section.
+
+Each script runs as a subprocess, exactly as a user runs it, on its tiny --quick shape;
+sections go to a temporary file, never to the repository's RESULTS.md. The persistent
+compilation cache (.jax_cache, shared with conftest) makes reruns mostly compile-free.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+REPO = BENCH.parents[1]
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"))
+    # The scripts run on one device, as a user runs them (conftest asks for 8 virtual ones).
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
+    return env
+
+
+def _run(script, *args, timeout=900):  # generous: the CI machines are shared
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          env=_env(), timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _has_hf():
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----- common.write_section ----------------------------------------------------------------------
+
+def test_write_section_replaces_its_own_section_and_keeps_others(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    common.write_section(path, "a.py", "first a", title_suffix="day 1")
+    # A section in gpu_routing.py's appended style, written by another script.
+    path.write_text(path.read_text() + "\n## gpu_routing.py, day 1\n\nrouting table\n")
+    common.write_section(path, "b.py", "first b", title_suffix="day 1")
+    common.write_section(path, "a.py", "second a", title_suffix="day 2")
+    common.write_section(path, "gpu_routing.py", "routing again", title_suffix="day 2")
+    text = path.read_text()
+    assert text.startswith("# Benchmark results")
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## a.py, day 2", "## gpu_routing.py, day 2", "## b.py, day 1"]
+    assert "first a" not in text and "second a" in text and "first b" in text
+    assert "routing table" not in text and "routing again" in text
+    # Keys are whole names: "a.py" must not swallow "a.py (bfloat16)".
+    common.write_section(path, "a.py (bfloat16)", "bf16 a", title_suffix="day 3")
+    common.write_section(path, "a.py", "third a", title_suffix="day 3")
+    text = path.read_text()
+    assert "bf16 a" in text and "third a" in text and text.count("## a.py") == 2
+
+
+def test_alternate_interleaves_and_times_every_variant():
+    calls = []
+    times = common.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, steps=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_matmul_peak_is_positive_for_both_dtypes():
+    for dtype in ("float32", "bfloat16"):
+        assert common.matmul_peak_flops(dtype, n=128, repeats=2) > 0
+
+
+# ----- the scripts' --quick paths ----------------------------------------------------------------
+
+def test_train_step_vs_hf_quick_json_and_section(tmp_path):
+    """With torch + transformers: ours vs HF on the same weights (checked); without: ours only."""
+    results = tmp_path / "RESULTS.md"
+    hf_args = [] if _has_hf() else ["--no_hf"]
+    out = json.loads(_run("train_step_vs_hf.py", "--quick", "--json", "--results", str(results),
+                          *hf_args).strip().splitlines()[-1])
+    assert {"tokens_per_s", "hf_tokens_per_s", "ratio", "mfu", "dtype"} <= set(out)
+    assert out["dtype"] == "bfloat16" and out["tokens_per_s"] > 0 and out["mfu"] > 0
+    text = results.read_text()
+    assert "## train_step_vs_hf.py, " in text and "| ours bfloat16 |" in text
+    if _has_hf():
+        assert out["hf_tokens_per_s"] > 0 and out["ratio"] > 0
+        assert out["check_ok"] and out["check"].startswith("ok"), out["check"]  # first-step CE, grad norm
+        assert "| hf grouped_mm |" in text and "| hf eager |" in text
+
+
+def test_step_breakdown_quick_json():
+    out = json.loads(_run("step_breakdown.py", "--quick", "--json").strip().splitlines()[-1])
+    parts = out["parts_ms"]
+    assert {"attention", "MoE router", "MoE experts", "head + CE", "optimizer", "full step"} <= set(parts)
+    assert out["tokens_per_s"] > 0 and out["xla_flops"] > 0
+
+
+def test_gpu_suite_quick_writes_a_checked_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = _run("gpu_suite.py", "--quick", "--results", str(results))
+    text = results.read_text()
+    assert "## gpu_suite.py, " in text and "CPU smoke run" in text
+    rows = [line for line in text.splitlines() if line.startswith("| train") or line.startswith("| routing")
+            or line.startswith("| decode")]
+    assert {r.split("|")[1].strip() for r in rows} == {"train", "routing", "decode"}
+    assert all("| ok |" in r for r in rows), out
