@@ -61,3 +61,17 @@ def describe() -> str:
     return (f"process {jax.process_index()}/{jax.process_count()}: "
             f"{jax.local_device_count()} local / {jax.device_count()} global devices "
             f"({jax.devices()[0].platform})")
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits until every process reaches `name` (a no-op in a single process).
+
+    Uses the coordination service, not a device collective: gloo gives a peer only 30 s to
+    join a new communicator, so processes that reach their first collective minutes apart
+    (one still compiling on a loaded host) must meet here first.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the coordination-service client
+
+    jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

@@ -406,7 +406,12 @@ def _loop(cfg, parts, state, data_iter, train_pipe, eval_pipe, ckpt, writer, sto
                             "SIGTERM" if stop.signum is not None else "preemption", step)
                 preempted = True
                 break
-            state, metrics = parts.train_step(state, global_batch(next(data_iter), parts.mesh))
+            batch = global_batch(next(data_iter), parts.mesh)
+            if window_start is None and jax.process_count() > 1:
+                # Compile before the first collective and meet the other processes here.
+                parts.train_step.lower(state, batch).compile()
+                distributed.barrier("train_step_compiled")
+            state, metrics = parts.train_step(state, batch)
             step += 1
             window_steps += 1
             if window_start is None:  # the first step includes compilation: time from its end

@@ -28,7 +28,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from deepseek_jax import experiment, trainer, warm_start  # noqa: E402
 from deepseek_jax.data import synthetic  # noqa: E402
@@ -61,6 +60,7 @@ def train_stage(cfg, workdir: str, init_from: str = "") -> None:
 def evaluator(cfg, grpo_cfg):
     """A GRPO object for `cfg`'s model, used only to sample and score held-out problems."""
     cfg.grpo = grpo_cfg.grpo
+    cfg.loss_config.policy_temperature = grpo_cfg.grpo.temperature
     mesh = trainer.build_mesh(cfg)
     parts = trainer.build_state_and_step(cfg, mesh, loss_name="sft")
     return grpo_lib.GRPO(cfg, parts, get_tokenizer(cfg.data.tokenizer)), mesh
