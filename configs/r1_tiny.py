@@ -7,8 +7,9 @@ SFT of a small dense student, on the embedded arithmetic tasks. Each stage is a 
         --config.init_from=runs/demo/pretrain
 
 Stages ("ARG"): pretrain, sft (cold start: few steps, teaches the R1 format), grpo (the RL
-stage, rl/grpo.py), student (a V1-style dense model trained by SFT on the GRPO policy's
-rejection-sampled completions: R1's distillation). The policy is the tiny V3 architecture
+stage, rl/grpo.py), student_pretrain (a V1-style dense base model on the same corpus) and
+student (that base model fine-tuned on the GRPO policy's rejection-sampled completions:
+R1's distillation into smaller dense models). The policy is the tiny V3 architecture
 (MLA + DeepSeekMoE with sigmoid group-limited routing, router bias, MTP).
 """
 from deepseek_jax import experiment
@@ -16,7 +17,7 @@ from deepseek_jax.rl import grpo
 
 # Two-digit addition and subtraction: learnable by a tiny model in minutes, with room for RL.
 TASK = dict(task="arithmetic", digits=(1, 2), ops="+-")
-STAGES = ("pretrain", "sft", "grpo", "student")
+STAGES = ("pretrain", "sft", "grpo", "student_pretrain", "student")
 
 
 def _policy(c):
@@ -51,8 +52,8 @@ def get_config(arg=None):
     c.progress = True
     c.optimizer.weight_decay = 0.01
     c.optimizer.warmup_steps = 20
-    _student(c) if stage == "student" else _policy(c)
-    if stage == "pretrain":
+    _student(c) if stage.startswith("student") else _policy(c)
+    if stage in ("pretrain", "student_pretrain"):
         c.loss, c.total_steps = "pretrain", 600
         c.optimizer.learning_rate = 3e-3
     elif stage in ("sft", "student"):

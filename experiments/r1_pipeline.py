@@ -7,7 +7,8 @@
   3. grpo       RL with rule-based rewards (accuracy + format), group advantages
   4. rejection  sample the GRPO policy on training prompts, keep correct, well-formatted
                 completions (R1 §2.3.3)
-  5. student    SFT of a small dense V1-style model on those samples (R1 §2.4 distillation)
+  5. student    a small dense V1-style base model (pretrained like the policy), fine-tuned
+                on those samples (R1 §2.4 distillation)
 Held-out accuracy (problems never seen in training, synthetic.py's split) is measured
 after SFT, GRPO and for the student with the same decoding; the table and
 WORKDIR/summary.json report them, and WORKDIR/reward_curve.png plots the GRPO run.
@@ -127,7 +128,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     start = time.time()
-    wd = {s: os.path.join(args.workdir, s) for s in ("pretrain", "sft", "grpo", "student")}
+    wd = {s: os.path.join(args.workdir, s)
+          for s in ("pretrain", "sft", "grpo", "student_pretrain", "student")}
     times = {}
 
     t = time.time()
@@ -154,8 +156,9 @@ def main() -> None:
     times["eval_rejection_s"] = time.time() - t
 
     t = time.time()
+    train_stage(stage_config(args.config, "student_pretrain", args.set), wd["student_pretrain"])
     student_cfg = stage_config(args.config, "student", args.set + [f"data.path={samples_path}"])
-    train_stage(student_cfg, wd["student"])
+    train_stage(student_cfg, wd["student"], init_from=wd["student_pretrain"])
     student, student_mesh = evaluator(stage_config(args.config, "student", args.set), grpo_cfg)
     student_eval = grpo_lib.evaluate(student, warm_start.load_params(wd["student"], student_mesh), heldout,
                                      eval_rng)

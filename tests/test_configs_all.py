@@ -33,7 +33,7 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 # Every variant string each config accepts (None = the default).
 VARIANTS = {
     "tiny_v3": [None, "f32", "bf16", "dense", "dense,bf16"],
-    "r1_tiny": [None, "pretrain", "sft", "grpo", "student"],
+    "r1_tiny": [None, "pretrain", "sft", "grpo", "student_pretrain", "student"],
     "deepseek_v1_7b": [None, "runlocal"],
     "deepseek_v1_67b": [None, "runlocal"],
     "deepseek_v2_lite": [None, "pretrain", "runlocal", "pretrain,runlocal"],
@@ -157,7 +157,7 @@ def test_r1_tiny_stages_fit_together():
     from deepseek_jax.data.tokenizer import get_tokenizer
     from deepseek_jax.rl import grpo
 
-    stages = {s: experiment.load_config(_spec("r1_tiny", s)) for s in ("pretrain", "sft", "grpo", "student")}
+    stages = {s: experiment.load_config(_spec("r1_tiny", s)) for s in ("pretrain", "sft", "grpo", "student_pretrain", "student")}
     models = {s: experiment.model_config(c) for s, c in stages.items()}
     assert models["pretrain"] == models["sft"] == models["grpo"]
     g = stages["grpo"]
@@ -171,3 +171,4 @@ def test_r1_tiny_stages_fit_together():
     student = models["student"]
     assert not student.is_moe and student.attention == "mha" and student.num_mtp_layers == 0
     assert stages["student"].loss == "sft"
+    assert models["student_pretrain"] == student  # the student fine-tunes its own base model

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from deepseek_jax import experiment, trainer
+from deepseek_jax import experiment, trainer, warm_start
 from deepseek_jax.data.tokenizer import get_tokenizer
 from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import grpo as grpo_lib
@@ -89,3 +89,9 @@ def test_run_resumes_exactly_and_evaluates_heldout(tmp_path):
     assert rewards_of(tmp_path / "cut") == rewards_of(tmp_path / "full")
     assert resumed["heldout"] == full["heldout"]
     assert full["heldout"]["problems"] == 8
+    # Later stages (rejection sampling, evaluation) read the policy out of a GRPO workdir.
+    params = warm_start.load_params(str(tmp_path / "full"), trainer.build_mesh(experiment.load_config(
+        "configs/r1_tiny.py:grpo", SMALL)))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    first = next(iter(json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")))
+    assert first["step"] == 1
