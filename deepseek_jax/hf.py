@@ -20,7 +20,7 @@ import json
 import math
 import os
 import struct
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp

@@ -43,7 +43,6 @@ used, and none when switching back.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn

@@ -11,7 +11,6 @@ std is the population standard deviation of the group (ddof=0).
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import numpy as np
 
