@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from deepseek_jax import kv_cache
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import Dense, RMSNorm, apply_rope, constrain, softmax_scale
+from deepseek_jax.layers import Dense, RMSNorm, apply_rope, constrain, matmul_2d, softmax_scale
 
 
 def attention_mask(segment_ids_BxT: Optional[jax.Array], T: int) -> jax.Array:
@@ -135,8 +135,7 @@ class MLA(nn.Module):
         c = self.config
         dt = jnp.dtype(c.dtype)
         N = c.qk_nope_head_dim
-        kv = jnp.einsum("btc,chk->bthk", ckv_BxSxC, self.kv_up_kernel().astype(dt),
-                        preferred_element_type=jnp.float32).astype(dt)
+        kv = matmul_2d(ckv_BxSxC, self.kv_up_kernel().astype(dt), 1).astype(dt)
         k_nope, v_BxSxHxA = kv[..., :N], kv[..., N:]
         k_BxSxHx_ = jnp.concatenate(
             [k_nope, jnp.broadcast_to(k_pe_BxSxR[:, :, None, :], k_nope.shape[:3] + (c.qk_rope_head_dim,))], axis=-1)
@@ -185,6 +184,5 @@ class MLA(nn.Module):
             attend = self.absorbed_attention if absorbed else self.expanded_attention
             out = attend(q_nope, q_pe, cache["ckv"].astype(dt), cache["k_pe"].astype(dt), mask)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        y = jnp.einsum("btha,had->btd", out, self.out_kernel().astype(dt),
-                       preferred_element_type=jnp.float32).astype(dt)
+        y = matmul_2d(out, self.out_kernel().astype(dt), 2).astype(dt)
         return y if cache is None else (y, cache)

@@ -32,6 +32,18 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(axes))
 
 
+def matmul_2d(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    """x @ kernel contracting x's last `n_in` dims with the kernel's first `n_in`, in float32.
+
+    Both sides are flattened to 2-D first: XLA:CPU lowers a dot with several free (batch, time)
+    dims 2x slower than the same GEMM on [B*T, D] (the vocab head: 1.8 s vs 0.8 s fwd+bwd).
+    """
+    lead, k_in, k_out = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+    K = math.prod(k_in)
+    y = jnp.dot(x.reshape(-1, K), kernel.reshape(K, -1).astype(x.dtype), preferred_element_type=jnp.float32)
+    return y.reshape(*lead, *k_out)
+
+
 class RMSNorm(nn.Module):
     """y = scale * x / sqrt(mean(x^2) + eps), statistics in float32 (as the reference code)."""
 
@@ -60,8 +72,7 @@ class Embed(nn.Module):
 
     def attend(self, h_BxTxD: jax.Array) -> jax.Array:
         """Tied output head: float32 logits h @ embedding^T."""
-        return jnp.einsum("btd,vd->btv", h_BxTxD, self.embedding.astype(h_BxTxD.dtype),
-                          preferred_element_type=jnp.float32)
+        return matmul_2d(h_BxTxD, self.embedding.T.astype(h_BxTxD.dtype), 1)
 
 
 class Dense(nn.Module):
@@ -76,13 +87,8 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = param_with_axes(self, "kernel", (*self.in_shape, *self.out_shape), self.axes)
-        n_in = len(self.in_shape)
-        batch_dims = tuple(range(x.ndim - n_in, x.ndim))
-        return jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype),
-            ((batch_dims, tuple(range(n_in))), ((), ())),
-            preferred_element_type=jnp.float32,
-        ).astype(self.out_dtype or self.dtype)
+        y = matmul_2d(x.astype(self.dtype), kernel, len(self.in_shape))
+        return y.astype(self.out_dtype or self.dtype)
 
 
 class MLP(nn.Module):

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from deepseek_jax.config import ModelConfig, RopeScaling
-from deepseek_jax.layers import apply_rope, rope_cos_sin, rope_inv_freq, softmax_scale, yarn_mscale
+from deepseek_jax.layers import (apply_rope, matmul_2d, rope_cos_sin, rope_inv_freq, softmax_scale,
+                                 yarn_mscale)
 
 V3_YARN = RopeScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
                       mscale=1.0, mscale_all_dim=1.0)
@@ -154,3 +155,14 @@ def test_tied_embeddings_share_the_table_with_the_head():
     out = Transformer(c).apply({"params": params}, jnp.arange(6, dtype=jnp.int32)[None])
     want = np.asarray(out.hidden) @ np.asarray(params["embed"]["embedding"]).T
     np.testing.assert_allclose(np.asarray(out.logits), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in,x_shape,k_shape", [(1, (2, 3, 5), (5, 4, 6)), (2, (2, 3, 4, 5), (4, 5, 7))])
+def test_matmul_2d_equals_numpy_tensordot(n_in, x_shape, k_shape):
+    """The flattened GEMM every Dense layer runs contracts the same dims as a tensordot."""
+    x = np.random.default_rng(0).normal(size=x_shape).astype(np.float32)
+    k = np.random.default_rng(1).normal(size=k_shape).astype(np.float32)
+    want = np.tensordot(x.astype(np.float64), k.astype(np.float64), axes=n_in)
+    got = matmul_2d(jnp.asarray(x), jnp.asarray(k), n_in)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import train_step_vs_hf as bench  # noqa: E402
 from deepseek_jax import inspect as ds_inspect, moe as moe_lib  # noqa: E402
 from deepseek_jax.attention import MLA, attention_mask  # noqa: E402
-from deepseek_jax.layers import MLP, Embed, RMSNorm, rope_cos_sin  # noqa: E402
+from deepseek_jax.layers import MLP, Embed, RMSNorm, matmul_2d, rope_cos_sin  # noqa: E402
 from deepseek_jax.losses import token_logprobs  # noqa: E402
 from deepseek_jax.optim import make_optimizer  # noqa: E402
 
@@ -143,7 +143,7 @@ def parts(cfg, params, batch_np, seed: int = 0) -> dict:
 
     def head_ce(p, h, targets_, mask_):
         h = RMSNorm(c.rms_norm_eps).apply({"params": p["final_norm"]}, h)
-        logits = jnp.dot(h.astype(dt), p["lm_head"]["kernel"].astype(dt), preferred_element_type=jnp.float32)
+        logits = matmul_2d(h.astype(dt), p["lm_head"]["kernel"].astype(dt), 1)  # as the model's lm_head
         return -jnp.sum(mask_ * token_logprobs(logits, targets_)[0]) / jnp.sum(mask_)
 
     out["head + CE"] = (_fwd_bwd(head_ce, {"final_norm": params["final_norm"], "lm_head": params["lm_head"]},
