@@ -94,22 +94,25 @@ def rejection_sample(grpo, params, cfg, path: str, num_problems: int, samples_pe
     return {"rejection_samples": len(rows), "rejection_kept": len(kept)}
 
 
-def reward_curve(grpo_dir: str, out_png: str) -> None:
+def reward_curve(grpo_dir: str, out_png: str, sft_accuracy: float) -> None:
+    """Per-step reward and training accuracy, and held-out accuracy (step 0: the SFT policy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in open(os.path.join(grpo_dir, "metrics.jsonl"))]
-    rows = [r for r in rows if "reward_mean" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["reward_mean"] for r in rows], label="reward (mean)")
-    ax.plot(steps, [r["accuracy"] for r in rows], label="training accuracy")
+    train = [r for r in rows if "reward_mean" in r]
+    evals = {0: sft_accuracy, **{r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["reward_mean"] for r in train], lw=1, alpha=0.7, label="reward (mean)")
+    ax.plot(steps, [r["accuracy"] for r in train], lw=1, alpha=0.7, label="training accuracy (T=0.7)")
+    ax.plot(list(evals), list(evals.values()), "o-", color="k", label="held-out accuracy (greedy)")
     ax.set_xlabel("GRPO step")
     ax.set_ylim(0, 1.15)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=3, frameon=False)
     ax.set_title("GRPO on the tiny V3 policy (2-digit +/-)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
@@ -164,7 +167,7 @@ def main() -> None:
                                      eval_rng)
     times["student_s"] = time.time() - t
 
-    reward_curve(wd["grpo"], os.path.join(args.workdir, "reward_curve.png"))
+    reward_curve(wd["grpo"], os.path.join(args.workdir, "reward_curve.png"), sft_eval["accuracy"])
     summary = {
         "sft_accuracy": sft_eval["accuracy"], "grpo_accuracy": grpo_eval["accuracy"],
         "student_accuracy": student_eval["accuracy"],

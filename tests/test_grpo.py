@@ -56,6 +56,21 @@ def test_rollout_scores_advantages_and_old_logprobs(setup):
     np.testing.assert_allclose(b["old_logprobs"][mask], forward[mask], atol=2e-4)
 
 
+def test_sampler_logprobs_are_the_training_forwards(setup):
+    """At temperature 1 the old log-probs come from the sampler's decode loop (KV cache, left
+    padding); the loss recomputes them with a full forward over the packed batch. The two
+    must agree token for token, or the first GRPO update would not be on-policy."""
+    _, grpo, state = setup
+    cfg = experiment.load_config("configs/r1_tiny.py:grpo",
+                                 SMALL + ["grpo.temperature=1.0", "loss_config.policy_temperature=1.0"])
+    tempered_one = grpo_lib.GRPO(cfg, grpo.parts, grpo.tokenizer)
+    ro = tempered_one.rollout(state.params, grpo_lib.training_problems(cfg, 0), jax.random.key(1))
+    b = ro.batch
+    mask = b["loss_mask"] > 0
+    assert mask.sum() > 0
+    np.testing.assert_allclose(b["old_logprobs"][mask], tempered_one.logprobs(state.params, b)[mask], atol=2e-4)
+
+
 def test_mismatched_policy_temperature_is_refused(setup):
     cfg, grpo, _ = setup
     bad = experiment.load_config("configs/r1_tiny.py:grpo", SMALL + ["grpo.temperature=1.0"])

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 
 from deepseek_jax import losses, optim, sharding, train_step  # noqa: E402
 from deepseek_jax.config import ModelConfig  # noqa: E402
+from deepseek_jax.layers import matmul_2d  # noqa: E402
 from deepseek_jax.model import Transformer  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "experiments" / "benchmarks" / "RESULTS.md"
@@ -171,7 +172,7 @@ def time_parts(model, c, state, data, loss_fn, optimizer, repeats) -> dict:
     dt = jnp.dtype(c.dtype)
 
     def head_ce(h, W, targets):
-        logits = jnp.einsum("btd,dv->btv", h.astype(dt), W.astype(dt), preferred_element_type=jnp.float32)
+        logits = matmul_2d(h.astype(dt), W.astype(dt), 1)  # as the model's lm_head
         return -jnp.mean(losses.token_logprobs(logits, targets)[0])
 
     head = jax.jit(jax.value_and_grad(head_ce, argnums=(0, 1)))
