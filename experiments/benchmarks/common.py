@@ -56,6 +56,13 @@ def median_time(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> float
     return statistics.median(time_once(fn, *args) for _ in range(max(1, repeats)))
 
 
+def best_time(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> float:
+    """Fastest of `repeats` calls: what the machine can do when nothing else interferes."""
+    for _ in range(warmup):
+        block(fn(*args))
+    return min(time_once(fn, *args) for _ in range(max(1, repeats)))
+
+
 def alternate(fns: Mapping[str, Callable[[], object]], steps: int, warmup: int = 1) -> dict[str, list[float]]:
     """Interleaved timing: warm every variant up, then run step i of A, B, C.. in turn.
 
@@ -87,13 +94,6 @@ def enable_compile_cache(path=None) -> str:
 
 
 # ----- matmul peak ---------------------------------------------------------------------------
-
-def best_time(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> float:
-    """Fastest of `repeats` calls: what the machine can do when nothing else interferes."""
-    for _ in range(warmup):
-        block(fn(*args))
-    return min(time_once(fn, *args) for _ in range(max(1, repeats)))
-
 
 def matmul_peak_flops(dtype="float32", n: Optional[int] = None, repeats: int = 10,
                       device: Optional[jax.Device] = None) -> float:
