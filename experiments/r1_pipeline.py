@@ -2,9 +2,12 @@
 
     python experiments/r1_pipeline.py --workdir runs/demo [--config configs/r1_tiny.py]
 
-  1. pretrain   the tiny V3 policy on the embedded arithmetic corpus (plain text)
-  2. sft        cold start: a short SFT on `<think>..</think><answer>..</answer>` pairs
-  3. grpo       RL with rule-based rewards (accuracy + format), group advantages
+  1. pretrain   the tiny V3 policy on the embedded arithmetic corpus (plain text; half the
+                records show a worked solution, half the answer alone)
+  2. sft        cold start: a short SFT on `<think>..</think><answer>..</answer>` pairs,
+                three quarters with an empty think block
+  3. grpo       RL with rule-based rewards (accuracy + format), group advantages: the
+                policy learns that thinking first pays (completions grow, accuracy rises)
   4. rejection  sample the GRPO policy on training prompts, keep correct, well-formatted
                 completions (R1 §2.3.3)
   5. student    a small dense V1-style base model (pretrained like the policy), fine-tuned
@@ -95,7 +98,8 @@ def rejection_sample(grpo, params, cfg, path: str, num_problems: int, samples_pe
 
 
 def reward_curve(grpo_dir: str, out_png: str, sft_accuracy: float) -> None:
-    """Per-step reward and training accuracy, and held-out accuracy (step 0: the SFT policy)."""
+    """Per-step reward, training accuracy and completion length, and held-out accuracy
+    (step 0: the SFT policy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +116,13 @@ def reward_curve(grpo_dir: str, out_png: str, sft_accuracy: float) -> None:
     ax.set_xlabel("GRPO step")
     ax.set_ylim(0, 1.15)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=3, frameon=False)
+    length_ax = ax.twinx()
+    length_ax.plot(steps, [r["completion_length"] for r in train], lw=1, color="tab:red",
+                   label="completion length (tokens, right)")
+    length_ax.set_ylim(0, 1.15 * max(r["completion_length"] for r in train))
+    lines = ax.get_lines() + length_ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper center",
+              bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=2, frameon=False)
     ax.set_title("GRPO on the tiny V3 policy (2-digit +/-)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
@@ -173,6 +183,9 @@ def main() -> None:
         "student_accuracy": student_eval["accuracy"],
         "sft_format_rate": sft_eval["format_rate"], "grpo_format_rate": grpo_eval["format_rate"],
         "student_format_rate": student_eval["format_rate"],
+        "sft_completion_length": sft_eval["completion_length"],
+        "grpo_completion_length": grpo_eval["completion_length"],
+        "student_completion_length": student_eval["completion_length"],
         "heldout_size": len(heldout), "eval_temperature": grpo_cfg.grpo.eval_temperature,
         **rs, **{k: round(v, 1) for k, v in times.items()},
         "wall_seconds": round(time.time() - start, 1),

@@ -172,3 +172,7 @@ def test_r1_tiny_stages_fit_together():
     assert not student.is_moe and student.attention == "mha" and student.num_mtp_layers == 0
     assert stages["student"].loss == "sft"
     assert models["student_pretrain"] == student  # the student fine-tunes its own base model
+    # What GRPO has to learn: the cold start answers without thinking more often than the
+    # pretraining corpus does, and the student's base model reads the policy's corpus.
+    fraction = {s: c.data.task.get("answer_only_fraction", 0.0) for s, c in stages.items()}
+    assert fraction["sft"] > fraction["pretrain"] == fraction["student_pretrain"] > 0

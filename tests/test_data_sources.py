@@ -15,7 +15,7 @@ from deepseek_jax.data.sources import (
     make_source,
 )
 from deepseek_jax.data.stats import DataStats, PipelineStats
-from deepseek_jax.data.synthetic import make_problem, render_sft
+from deepseek_jax.data.synthetic import make_problem, render_sft, shows_reasoning
 
 # Line by line: what a messy JSONL file holds, and what each line should count as.
 _MESSY_JSONL = [
@@ -149,6 +149,20 @@ def test_synthetic_source_matches_generator():
     assert _records(src) == expected
     with pytest.raises(IndexError):
         src[20]
+
+
+def test_synthetic_source_answer_only_fraction():
+    """The same problems as without the option; records whose think block is empty are
+    exactly those `shows_reasoning` names, about the requested share of them."""
+    src = SyntheticSource(400, seed=2, task="arithmetic", style="sft", answer_only_fraction=0.75)
+    bare = [r["response"].startswith("<think></think>") for r in _records(src)]
+    expected = [not shows_reasoning(i, split="train", seed=2, answer_only_fraction=0.75)
+                for i in range(400)]
+    assert bare == expected and 0.65 < sum(bare) / 400 < 0.85
+    for i in range(20):
+        assert src[i] == render_sft(make_problem(i, seed=2, task="arithmetic"), not bare[i])
+    with pytest.raises(ValueError, match="answer_only_fraction"):
+        SyntheticSource(10, answer_only_fraction=-0.1)
 
 
 def test_mixture_follows_weights_and_repeats_small_sources():

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from deepseek_jax.data.synthetic import make_problem, make_problems, render_sft, render_text
+from deepseek_jax.data.synthetic import make_problem, make_problems, render_sft, render_text, shows_reasoning
 from deepseek_jax.data.tokenizer import ByteTokenizer
 
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -128,6 +128,26 @@ def test_renderings():
         # Short enough for the tiny models' 128-token context, bos and eos included.
         ids = tok.encode(pair["prompt"] + pair["response"], add_bos=True, add_eos=True)
         assert len(ids) <= 128 and len(tok.encode(text)) <= 128
+
+
+def test_answer_only_renderings_drop_exactly_the_worked_solution():
+    for p in make_problems("train", 50, seed=5, task="mixed"):
+        assert render_text(p, reasoning=False) == f"{p['prompt']} Answer: {p['answer']}"
+        worked, bare = render_sft(p)["response"], render_sft(p, reasoning=False)["response"]
+        assert bare == f"<think></think><answer>{p['answer']}</answer>"
+        assert worked.replace(p["reasoning"], "", 1) == bare
+
+
+def test_shows_reasoning_hits_the_fraction_deterministically():
+    n = 4000
+    for fraction in (0.0, 0.25, 0.75, 1.0):
+        shown = [shows_reasoning(i, split="train", seed=1, answer_only_fraction=fraction) for i in range(n)]
+        assert shown == [shows_reasoning(i, split="train", seed=1, answer_only_fraction=fraction)
+                         for i in range(n)]
+        # Binomial standard deviation at n = 4000 is <= 0.8 points; 3 points is ~4 sigma.
+        assert abs((n - sum(shown)) / n - fraction) < 0.03
+    with pytest.raises(ValueError, match="answer_only_fraction"):
+        shows_reasoning(0, split="train", seed=0, answer_only_fraction=1.5)
 
 
 def test_bad_options_are_rejected():

@@ -21,6 +21,7 @@ read, say, a "content" column as "text".
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -344,7 +345,8 @@ class ParquetSource(_IndexedSource):
 
 class SyntheticSource(_IndexedSource):
     """The embedded corpus: problem i of `synthetic.make_problem`, rendered as a
-    pretraining text (`style="text"`) or an SFT pair ("sft"), generated on access."""
+    pretraining text (`style="text"`) or an SFT pair ("sft"), generated on access.
+    About `answer_only_fraction` of the records leave the worked solution out."""
 
     def __init__(
         self,
@@ -353,12 +355,16 @@ class SyntheticSource(_IndexedSource):
         seed: int = 0,
         task: str = "mixed",
         style: str = "text",
+        answer_only_fraction: float = 0.0,
         **options,
     ):
         # Render one problem now so that a bad option fails here, not inside Grain.
         first = synthetic.make_problem(0, split=split, seed=seed, task=task, **options)
         synthetic.render(first, style)
         self._n, self._style = int(n), style
+        self._reasoning = functools.partial(synthetic.shows_reasoning, split=split, seed=seed,
+                                            answer_only_fraction=answer_only_fraction)
+        self._reasoning(0)  # a bad fraction fails here too
         self._kwargs = dict(split=split, seed=seed, task=task, **options)
         self.stats = SourceStats(
             name=f"synthetic:{task}:{split}:seed={seed}", rows_read=self._n, rows_kept=self._n
@@ -369,7 +375,8 @@ class SyntheticSource(_IndexedSource):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self._n:
             raise IndexError(f"index {i} out of range for {self!r}")
-        return synthetic.render(synthetic.make_problem(int(i), **self._kwargs), self._style)
+        problem = synthetic.make_problem(int(i), **self._kwargs)
+        return synthetic.render(problem, self._style, self._reasoning(int(i)))
 
 
 class MixtureSource(grain.sources.RandomAccessDataSource):

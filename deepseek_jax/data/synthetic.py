@@ -14,6 +14,7 @@ numbers, each used exactly once, with + - * /). Every problem is a dict
 `reasoning` is the short worked solution used by both renderings:
 `render_text` (pretraining: prompt, a space, the worked solution) and `render_sft`
 (prompt/response with the response `<think>reasoning</think><answer>ANSWER</answer>`).
+Either can leave the reasoning out (`shows_reasoning` picks which records do).
 
 Held-out split. Membership is a property of the problem, not of the generator: a
 stable hash of the canonical problem (operands sorted for the commutative + and *,
@@ -268,24 +269,46 @@ def make_problems(
     return [make_problem(i, split=split, seed=seed, task=task, **options) for i in range(n)]
 
 
-def render_text(problem: dict) -> str:
-    """Pretraining text: prompt, a space, the worked solution ending in the answer."""
-    return f"{problem['prompt']} {problem['reasoning']}. Answer: {problem['answer']}"
+def render_text(problem: dict, reasoning: bool = True) -> str:
+    """Pretraining text: prompt, a space, the worked solution ending in the answer.
+
+    reasoning=False renders the answer alone ("Compute 47+38. Answer: 85").
+    """
+    worked = f"{problem['reasoning']}. " if reasoning else ""
+    return f"{problem['prompt']} {worked}Answer: {problem['answer']}"
 
 
-def render_sft(problem: dict) -> dict:
-    """R1-format SFT pair; the loss covers only the response."""
+def render_sft(problem: dict, reasoning: bool = True) -> dict:
+    """R1-format SFT pair; the loss covers only the response.
+
+    reasoning=False leaves the think block empty: `<think></think><answer>85</answer>`.
+    """
+    think = problem["reasoning"] if reasoning else ""
     return {
         "prompt": problem["prompt"],
-        "response": f"<think>{problem['reasoning']}</think><answer>{problem['answer']}</answer>",
+        "response": f"<think>{think}</think><answer>{problem['answer']}</answer>",
     }
 
 
-def render(problem: dict, style: str) -> dict:
+def render(problem: dict, style: str, reasoning: bool = True) -> dict:
     """A source record: {"text": ...} for style "text", {"prompt", "response"} for "sft"."""
     if style == "text":
-        return {"text": render_text(problem)}
+        return {"text": render_text(problem, reasoning)}
     if style == "sft":
-        return render_sft(problem)
+        return render_sft(problem, reasoning)
     raise ValueError(f"style must be 'text' or 'sft', got {style!r}")
 
+
+def shows_reasoning(index: int, *, split: str, seed, answer_only_fraction: float) -> bool:
+    """Whether record `index` of a corpus is rendered with its worked solution.
+
+    About `answer_only_fraction` of the records show the answer alone: a corpus of mixed
+    answer-only and worked solutions, like real SFT data, from which RL can learn that
+    thinking pays (R1-Zero's growing responses; configs/r1_tiny.py). Its own stream, so
+    the problems themselves do not depend on the fraction.
+    """
+    if not 0.0 <= answer_only_fraction <= 1.0:
+        raise ValueError(f"answer_only_fraction must be in [0, 1], got {answer_only_fraction!r}")
+    if answer_only_fraction == 0.0:
+        return True
+    return random.Random(f"{seed}/{split}/answer_only/{index}").random() >= answer_only_fraction
