@@ -186,6 +186,9 @@ def main() -> None:
         "sft_completion_length": sft_eval["completion_length"],
         "grpo_completion_length": grpo_eval["completion_length"],
         "student_completion_length": student_eval["completion_length"],
+        # Greedy speculative decoding with the policy's MTP module as a one-token draft.
+        "sft_mtp_acceptance": sft_eval.get("mtp_acceptance"),
+        "grpo_mtp_acceptance": grpo_eval.get("mtp_acceptance"),
         "heldout_size": len(heldout), "eval_temperature": grpo_cfg.grpo.eval_temperature,
         **rs, **{k: round(v, 1) for k, v in times.items()},
         "wall_seconds": round(time.time() - start, 1),
@@ -198,9 +201,10 @@ def main() -> None:
             ("dense student (SFT on GRPO samples)", student_eval)]
     print(f"\nHeld-out problems: {len(heldout)} (never in training), decoding: "
           f"{'greedy' if not grpo_cfg.grpo.eval_temperature else grpo_cfg.grpo.eval_temperature}")
-    print(f"{'model':40s} {'accuracy':>9s} {'format':>7s} {'length':>7s}")
+    print(f"{'model':40s} {'accuracy':>9s} {'format':>7s} {'length':>7s} {'MTP draft accepted':>19s}")
     for name, e in rows:
-        print(f"{name:40s} {e['accuracy']:9.3f} {e['format_rate']:7.3f} {e['completion_length']:7.1f}")
+        mtp = f"{e['mtp_acceptance']:19.3f}" if "mtp_acceptance" in e else f"{'-':>19s}"
+        print(f"{name:40s} {e['accuracy']:9.3f} {e['format_rate']:7.3f} {e['completion_length']:7.1f} {mtp}")
     print(f"\nsummary: {os.path.join(args.workdir, 'summary.json')}  "
           f"(wall {summary['wall_seconds']:.0f} s)")
 

@@ -4,6 +4,7 @@ Oracles: the training forward (`model.apply` without a cache, positions / segmen
 left padding) for greedy choices and log-probs; each prompt decoded alone for ragged
 batches; numpy's closed-form filtered distribution for temperature / top-k / top-p.
 """
+import dataclasses
 import functools
 
 import jax
@@ -139,3 +140,31 @@ def test_vocab_limit_restricts_draws_not_logprobs(env):
     out = limited.generate(params, PROMPTS, jax.random.key(5), temperature=1.5)
     assert int(out.tokens.max()) < 6
     np.testing.assert_allclose(np.asarray(out.logprobs), _oracle_logprobs(env, out)[0], atol=TOL)
+
+
+def test_mtp_draft_acceptance_against_prefix_forwards():
+    """Oracle: for each draft, a forward of the row with every token after j+1 replaced by
+    noise (causality makes them irrelevant); MTP module 0's argmax at column j is the draft
+    of token j+2, accepted iff it is the greedy completion's token j+2."""
+    config = dataclasses.replace(CONFIG, num_mtp_layers=1)
+    model = Transformer(config)
+    params = _params(config)
+    sampler = sampler_lib.Sampler(model, max_prompt_len=P, max_new_tokens=N, pad_id=PAD)
+    greedy = sampler.generate(params, PROMPTS, jax.random.key(0), temperature=0.0, stop_tokens=[2])
+    got = sampler.mtp_draft_acceptance(params, greedy)
+    tokens, positions, segment_ids, completion = map(np.asarray, greedy.sequences())
+    mtp = jax.jit(lambda t, pos, seg: model.apply({"params": params}, t, positions=pos, segment_ids=seg).mtp_logits[0])
+    noise = np.random.default_rng(0).integers(3, config.vocab_size, tokens.shape[1])
+    hits = drafts = 0
+    for b in range(len(PROMPTS)):
+        for j in range(tokens.shape[1] - 2):
+            if not (completion[b, j + 1] and completion[b, j + 2]):
+                continue
+            row = np.where(np.arange(tokens.shape[1]) <= j + 1, tokens[b], noise)[None]
+            drafts += 1
+            hits += int(np.argmax(mtp(row, positions[b:b + 1], segment_ids[b:b + 1])[0, j]) == tokens[b, j + 2])
+    assert 0 < hits < drafts  # some drafts right, some wrong: the comparison is not vacuous
+    assert got == {"acceptance": hits / drafts, "hits": hits, "drafts": drafts}
+    assert drafts == int(np.sum(np.maximum(np.asarray(greedy.lengths) - 1, 0)))
+    with pytest.raises(ValueError, match="num_mtp_layers"):
+        sampler_lib.Sampler(Transformer(CONFIG), P, N).mtp_draft_acceptance(_params(CONFIG), greedy)

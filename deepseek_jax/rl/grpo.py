@@ -212,21 +212,31 @@ def _rows(ro: Rollout) -> list:
 
 def evaluate(grpo: GRPO, params, problems: Sequence[dict], rng, *, batch_size: int = 256,
              temperature: Optional[float] = None) -> dict:
-    """Accuracy, format rate and mean length on `problems` (one sample each)."""
+    """Accuracy, format rate and mean length on `problems` (one sample each); for greedy
+    decoding of a model with MTP modules also the MTP draft acceptance rate
+    (`Sampler.mtp_draft_acceptance`)."""
     temperature = grpo.g.eval_temperature if temperature is None else temperature
-    acc, fmt, length = [], [], []
+    with_mtp = temperature == 0 and grpo.parts.model.config.num_mtp_layers > 0
+    acc, fmt, length, hits, drafts = [], [], [], 0, 0
     for start in range(0, len(problems), batch_size):
         chunk = list(problems[start:start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)  # one compiled shape for every chunk
-        sample = jax.device_get(grpo.generate(params, chunk, jax.random.fold_in(rng, start),
-                                              temperature=temperature))
+        sample = grpo.generate(params, chunk, jax.random.fold_in(rng, start), temperature=temperature)
+        if with_mtp:
+            with grpo._in_mesh():
+                d = grpo.sampler.mtp_draft_acceptance(params, jax.tree.map(lambda x: x[:real], sample))
+            hits, drafts = hits + d["hits"], drafts + d["drafts"]
+        sample = jax.device_get(sample)
         texts = completion_texts(grpo.tokenizer, sample)[:real]
         acc += [rewards_lib.accuracy(p["prompt"], t, **p) for p, t in zip(chunk, texts)]
         fmt += [rewards_lib.format_reward(p["prompt"], t, **p) for p, t in zip(chunk, texts)]
         length += list(np.asarray(sample.lengths)[:real])
-    return {"accuracy": float(np.mean(acc)), "format_rate": float(np.mean(fmt)),
-            "completion_length": float(np.mean(length)), "problems": len(problems)}
+    out = {"accuracy": float(np.mean(acc)), "format_rate": float(np.mean(fmt)),
+           "completion_length": float(np.mean(length)), "problems": len(problems)}
+    if with_mtp:
+        out["mtp_acceptance"] = hits / max(drafts, 1)
+    return out
 
 
 def training_problems(cfg: ml_collections.ConfigDict, step: int) -> list[dict]:
