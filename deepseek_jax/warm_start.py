@@ -48,7 +48,8 @@ def load_params(workdir: str, mesh, rules=None) -> Any:
     boxed = sharding.abstract_params(model)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.meta.unbox(boxed), sharding.logical_to_shardings(boxed, mesh, rules))
-    state_dir = os.path.join(latest_step_dir(workdir), "state")
+    # Orbax refuses relative paths (`--config.init_from=runs/demo/pretrain` must work).
+    state_dir = os.path.abspath(os.path.join(latest_step_dir(workdir), "state"))
     checkpointer = ocp.PyTreeCheckpointer()
     # Trainer checkpoints hold a TrainState; GRPO's hold {"state": TrainState, "ref_params"}.
     errors = []

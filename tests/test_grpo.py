@@ -79,7 +79,7 @@ def test_mismatched_policy_temperature_is_refused(setup):
 
 
 @pytest.mark.slow
-def test_run_resumes_exactly_and_evaluates_heldout(tmp_path):
+def test_run_resumes_exactly_and_evaluates_heldout(tmp_path, monkeypatch):
     """A GRPO run stopped after a checkpoint continues with the uninterrupted run's rewards."""
     init = tmp_path / "init"
     base = experiment.load_config("configs/r1_tiny.py:sft", [o for o in SMALL if not o.startswith("grpo")]
@@ -105,8 +105,12 @@ def test_run_resumes_exactly_and_evaluates_heldout(tmp_path):
     assert resumed["heldout"] == full["heldout"]
     assert full["heldout"]["problems"] == 8
     # Later stages (rejection sampling, evaluation) read the policy out of a GRPO workdir.
-    params = warm_start.load_params(str(tmp_path / "full"), trainer.build_mesh(experiment.load_config(
-        "configs/r1_tiny.py:grpo", SMALL)))
+    mesh = trainer.build_mesh(experiment.load_config("configs/r1_tiny.py:grpo", SMALL))
+    params = warm_start.load_params(str(tmp_path / "full"), mesh)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    # A relative workdir, as `make demo` passes them (runs/demo/...), reads the same params.
+    monkeypatch.chdir(tmp_path)
+    relative = warm_start.load_params("full", mesh)
+    jax.tree.map(np.testing.assert_array_equal, relative, params)
     first = next(iter(json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")))
     assert first["step"] == 1
