@@ -309,6 +309,4 @@ def shows_reasoning(index: int, *, split: str, seed, answer_only_fraction: float
     """
     if not 0.0 <= answer_only_fraction <= 1.0:
         raise ValueError(f"answer_only_fraction must be in [0, 1], got {answer_only_fraction!r}")
-    if answer_only_fraction == 0.0:
-        return True
     return random.Random(f"{seed}/{split}/answer_only/{index}").random() >= answer_only_fraction
