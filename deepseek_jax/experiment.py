@@ -55,9 +55,13 @@ def default_config() -> ml_collections.ConfigDict:
         kind="synthetic",  # "synthetic" (embedded tasks) | a source spec for data.sources
         path="", eval_path="", tokenizer="byte", seq_len=256, batch_size=8, overlong="truncate",
         num_problems=20_000, mixture=ml_collections.ConfigDict(),
+        # Conversations (data/chat.py): "auto" = the tokenizer's tokenizer_config.json chat_template,
+        # "none" = concatenate the messages.
+        chat_template="none",
         # Options of the embedded tasks (data.synthetic.make_problem): task, digits, ops, ...
         task=ml_collections.ConfigDict(dict(task="mixed"))))
     c.init_from = ""  # a workdir whose newest params start this run (warm_start.py)
+    c.export_hf = ""  # write the final params here as a Hugging Face checkpoint (post_train.py)
     return c
 
 

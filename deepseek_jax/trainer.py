@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from deepseek_jax import distributed, experiment, losses, optim, sharding, warm_start
+from deepseek_jax import distributed, experiment, post_train, losses, optim, sharding, warm_start
 from deepseek_jax import train_step as ts
 from deepseek_jax.checkpoint import Checkpointer
 from deepseek_jax.config import ConfigError
@@ -54,7 +54,7 @@ from deepseek_jax.model import Transformer
 
 log = logging.getLogger(__name__)
 
-DATA_LOSSES = ("pretrain", "sft")  # objectives this loop can feed from cfg.data
+DATA_LOSSES = ("pretrain", "sft", "dpo")  # objectives this loop can feed from cfg.data
 COMPUTE_DTYPES = ("bfloat16", "float32")
 EXPERT_COUNTS = "moe/expert_counts"
 
@@ -188,6 +188,8 @@ def make_data_source(cfg: ml_collections.ConfigDict, split: str = "train"):
     path = d.path if split == "train" else d.get("eval_path", "")
     if not path:
         return None
+    if cfg.loss in ("sft", "dpo") and d.kind in ("jsonl", "parquet"):
+        return post_train.user_source(cfg, path)  # {"messages"} | {"prompt", "response"} | DPO pairs
     spec = {"kind": d.kind, "paths": path}
     if cfg.loss == "sft" and d.kind != "text":
         spec["fields"] = ("prompt", "response")
@@ -203,9 +205,13 @@ def build_data(cfg: ml_collections.ConfigDict, split: str = "train", *, model_vo
     if source is None:
         return None
     make = data_pipeline.make_sft_dataset if cfg.loss == "sft" else data_pipeline.make_pretrain_dataset
+    options = {"overlong": cfg.data.overlong}
+    if cfg.loss in ("sft", "dpo"):
+        options = {"chat_template": post_train.chat_template(cfg), **(options if cfg.loss == "sft" else {})}
+        make = data_pipeline.make_sft_dataset if cfg.loss == "sft" else data_pipeline.make_dpo_dataset
     # The whole global batch on every process (module docstring: process-count independent).
     pipe = make(source, cfg.data.tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-                seed=cfg.seed, overlong=cfg.data.overlong)
+                seed=cfg.seed, **options)
     if model_vocab is not None and pipe.tokenizer.vocab_size > model_vocab:
         raise ConfigError(f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary "
                           f"({pipe.tokenizer.vocab_size}, data.tokenizer={cfg.data.tokenizer!r}); "
@@ -298,6 +304,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     # --- devices and config ---
     log.info("deepseek_jax.train: %s", distributed.describe())
+    cfg = post_train.resolve_init_from(cfg)  # init_from's model config and tokenizer
     sizes = validate_config(cfg)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
@@ -332,11 +339,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             _warn_config_changes(restored.config, cfg)
         else:
             if cfg.get("init_from"):  # e.g. SFT starting from a pretraining run's weights
-                state = warm_start.state_from_params(parts, warm_start.load_params(cfg.init_from, mesh))
+                params = warm_start.load_params(cfg.init_from, mesh)
+                state = warm_start.state_from_params(parts, post_train.fit_params(params, parts.abstract_state.params))
                 log.info("initialised from the params of %s", cfg.init_from)
             else:
                 state = parts.init_state()
                 log.info("initialised a new model (seed %d)", cfg.seed)
+        if cfg.loss == "dpo":  # every batch gets the reference policy's log-probs
+            parts = post_train.with_dpo_reference(cfg, parts, state, resumed=restored is not None)
         writer = MetricsWriter(workdir, resume_step=int(restored.step) if restored is not None else None)
         if restored is None and jax.process_index() == 0:
             row = next(iter(train_pipe.dataset))  # a look at the data, without moving data_iter
@@ -354,6 +364,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             ckpt.close()
             writer.close()
     log.info("%s at step %d; checkpoints in %s", "stopped" if preempted else "finished", step, ckpt.directory)
+    if cfg.get("export_hf") and not preempted:
+        post_train.export_hf(cfg, parts.model, state.params, cfg.export_hf)
     return {**last, "step": step, "preempted": preempted}
 
 

@@ -17,7 +17,14 @@ and the counts (`source_stats`, see stats.py) are exact and the same on every ho
 
 The price is one pass over the data at start-up, and an index of ~20 bytes per row.
 `fields` is a sequence of names, or a mapping {output name: name in the file} to
-read, say, a "content" column as "text".
+read, say, a "content" column as "text". `message_fields` names the fields that may
+also hold a conversation, a list of {"role", "content"} objects (SFT `messages`, DPO
+`prompt`/`chosen`/`rejected` in TRL's conversational form). `where(i)` is the
+`path:line` (or `path:row`) of kept row i, for errors found after indexing.
+
+Post-training files (`read_rows`, `detect_fields`): GRPO prompt files keep every column
+of a row (a reward gets them as keywords), and an SFT/DPO file's row format is read
+from its first row, so a row missing a column is an error naming its line.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import grain
 import numpy as np
 
-from deepseek_jax.data import synthetic
+from deepseek_jax.data import chat, synthetic
 from deepseek_jax.data.stats import ErrorPolicy, SourceStats
 
 Paths = Union[str, Sequence[str]]
@@ -69,17 +76,26 @@ def _decode(raw: bytes) -> tuple[str, bool]:
 
 
 def _validated(
-    raw: Mapping[str, Any], where: str, policy: ErrorPolicy, bad_utf8: bool = False
+    raw: Mapping[str, Any], where: str, policy: ErrorPolicy, bad_utf8: bool = False,
+    message_fields: Sequence[str] = (),
 ) -> Optional[dict]:
     """Decoded row, or None when it is skipped (and counted). `raw` maps each output
     field to what the file held: str, bytes, None, _MISSING or something else;
-    `bad_utf8` says the row's bytes were already found undecodable upstream."""
+    `bad_utf8` says the row's bytes were already found undecodable upstream; fields in
+    `message_fields` may hold a conversation instead of a string."""
     stats = policy.stats
     decoded = {}
     for name, value in raw.items():
         if value is _MISSING:
             policy.malformed(where, f"missing field {name!r}")
             return None
+        if name in message_fields and isinstance(value, (list, tuple)):
+            problem = chat.check_messages(list(value))
+            if problem:
+                policy.malformed(where, f"field {name!r}: {problem}")
+                return None
+            decoded[name] = list(value)
+            continue
         if isinstance(value, bytes):
             value, bad = _decode(value)
             bad_utf8 = bad_utf8 or bad
@@ -87,7 +103,7 @@ def _validated(
             policy.malformed(where, f"field {name!r} is {type(value).__name__}, expected a string")
             return None
         decoded[name] = value
-    if any(v is None or not v.strip() for v in decoded.values()):
+    if any(v is None or (isinstance(v, str) and not v.strip()) for v in decoded.values()):
         stats.empty_skipped += 1
         return None
     if bad_utf8:
@@ -102,7 +118,8 @@ def _parse_json_row(text: str, where: str, fields: dict, policy: ErrorPolicy) ->
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        policy.malformed(where, f"invalid JSON ({e.msg} at column {e.colno})")
+        # Some messages end in "at" ("Unterminated string starting at"): no "at at column".
+        policy.malformed(where, f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
         return None
     if not isinstance(obj, dict):
         policy.malformed(where, f"expected a JSON object, got {type(obj).__name__}")
@@ -110,11 +127,12 @@ def _parse_json_row(text: str, where: str, fields: dict, policy: ErrorPolicy) ->
     return {out: obj.get(key, _MISSING) for out, key in fields.items()}
 
 
-def _index_json_row(line: bytes, where: str, fields: dict, policy: ErrorPolicy) -> bool:
+def _index_json_row(line: bytes, where: str, fields: dict, policy: ErrorPolicy,
+                    message_fields: Sequence[str] = ()) -> bool:
     """Validate one JSON row (counting it); True if it is kept."""
     text, bad_utf8 = _decode(line)
     raw = _parse_json_row(text, where, fields, policy)
-    return raw is not None and _validated(raw, where, policy, bad_utf8) is not None
+    return raw is not None and _validated(raw, where, policy, bad_utf8, message_fields) is not None
 
 
 class _FileSlices:
@@ -186,12 +204,14 @@ class _IndexedSource(grain.sources.RandomAccessDataSource):
 class JsonlSource(_IndexedSource):
     """One JSON object per line; `fields` picks the strings to keep."""
 
-    def __init__(self, paths: Paths, fields: Fields = ("text",), on_error: str = "skip"):
+    def __init__(self, paths: Paths, fields: Fields = ("text",), on_error: str = "skip",
+                 message_fields: Sequence[str] = ()):
         self._paths = expand_paths(paths)
         self._fields = _field_map(fields)
         self.stats = SourceStats(name=f"jsonl:{','.join(self._paths)}")
         policy = ErrorPolicy(on_error, self.stats)
         self._index = _FileSlices(self._paths)
+        lines = []
         for f, path in enumerate(self._paths):
             with open(path, "rb") as fh:
                 offset = 0
@@ -202,14 +222,19 @@ class JsonlSource(_IndexedSource):
                         self.stats.empty_skipped += 1
                         continue
                     where = f"{path}:{lineno}"
-                    if _index_json_row(line, where, self._fields, policy):
+                    if _index_json_row(line, where, self._fields, policy, message_fields):
                         self._index.add(f, start, len(line))
+                        lines.append(lineno)
         self._index.freeze()
+        self._lines = np.asarray(lines, np.int64)
         self._check_nonempty()
 
     def __getitem__(self, i: int) -> dict:
         obj = json.loads(self._index.read(i).decode("utf-8", errors="replace"))
         return {out: obj[key] for out, key in self._fields.items()}
+
+    def where(self, i: int) -> str:
+        return f"{self._paths[int(self._index.file[i])]}:{int(self._lines[i])}"
 
 
 class TextSource(_IndexedSource):
@@ -309,7 +334,8 @@ class ParquetSource(_IndexedSource):
     shuffling and per-host sharding by index need random access.
     """
 
-    def __init__(self, paths: Paths, fields: Fields = ("text",), on_error: str = "skip"):
+    def __init__(self, paths: Paths, fields: Fields = ("text",), on_error: str = "skip",
+                 message_fields: Sequence[str] = ()):
         pq = _import_pyarrow()
         self._paths = expand_paths(paths)
         self._fields = _field_map(fields)
@@ -328,7 +354,7 @@ class ParquetSource(_IndexedSource):
             for row in range(table.num_rows):
                 self.stats.rows_read += 1
                 raw = {out: values[row] for out, values in columns.items()}
-                if _validated(raw, f"{path}:row {row}", policy) is not None:
+                if _validated(raw, f"{path}:row {row}", policy, message_fields=message_fields) is not None:
                     kept.append((f, row))
         self._index = np.asarray(kept, np.int64).reshape(-1, 2)
         self._check_nonempty()
@@ -341,6 +367,10 @@ class ParquetSource(_IndexedSource):
             value = table.column(col)[row].as_py()
             record[out] = _decode(value)[0] if isinstance(value, bytes) else value
         return record
+
+    def where(self, i: int) -> str:
+        f, row = (int(x) for x in self._index[i])
+        return f"{self._paths[f]}:row {row}"
 
 
 class SyntheticSource(_IndexedSource):
@@ -453,3 +483,70 @@ def make_source(spec: Mapping[str, Any]):
     if kind not in SOURCES:
         raise ValueError(f"unknown source kind {kind!r}; known: {sorted(SOURCES) + ['mixture']}")
     return SOURCES[kind](**spec)
+
+
+# ----- post-training files: whole rows, row formats ---------------------------------------------
+
+def _file_kind(path: str, kind: Optional[str]) -> str:
+    kind = kind or ("parquet" if path.endswith(".parquet") else "jsonl")
+    if kind not in ("jsonl", "parquet"):
+        raise ValueError(f"{path}: kind={kind!r}; post-training rows are read from 'jsonl' or 'parquet' files")
+    return kind
+
+
+def read_rows(paths: Paths, kind: Optional[str] = None) -> list[tuple[str, dict]]:
+    """Every row of small JSONL/Parquet files with ALL its columns, as (path:line, dict).
+
+    For prompt files (GRPO), whose extra columns are passed to the rewards. Blank lines
+    are skipped; anything else that is not a JSON object is an error naming its line,
+    so a bad row never shifts which prompt comes at which step.
+    """
+    rows = []
+    for path in expand_paths(paths):
+        if _file_kind(path, kind) == "parquet":
+            table = _import_pyarrow().read_table(path)
+            rows += [(f"{path}:row {i}", r) for i, r in enumerate(table.to_pylist())]
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                rows.append((where, obj))
+    if not rows:
+        raise ValueError(f"no rows in {paths!r}")
+    return rows
+
+
+def detect_fields(paths: Paths, kind: Optional[str], formats: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """Which of `formats` (tuples of column names, first match wins) the file's first row
+    has; e.g. (("messages",), ("prompt", "response")) for SFT. Every later row must then
+    have the same columns (the source reports a row that does not, by its line)."""
+    path = expand_paths(paths)[0]
+    if _file_kind(path, kind) == "parquet":
+        columns, where = set(_import_pyarrow().read_schema(path).names), path
+    else:
+        columns, where = None, path
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    where = f"{path}:{lineno}"
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+                    columns = set(obj) if isinstance(obj, dict) else set()
+                    break
+        if columns is None:
+            raise ValueError(f"{path} has no rows")
+    for names in formats:
+        if set(names) <= columns:
+            return tuple(names)
+    wanted = " or ".join("{" + ", ".join(map(repr, f)) + "}" for f in formats)
+    raise ValueError(f"{where}: the row has columns {sorted(columns)}; expected {wanted}")
