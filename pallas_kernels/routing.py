@@ -36,8 +36,11 @@ kernels for the "cuda" platform on a CPU machine):
   indexed-ref gathers) and is what JAX 0.10's own `ops/gpu` kernels use, so we pass
   `pallas.triton.CompilerParams` explicitly. It requires power-of-two array shapes:
   the wrapper pads E and K to powers of two and T to a multiple of the block.
-  When the project moves past JAX 0.11 (Triton deprecated), port the body to
-  `plgpu.kernel` with explicit layouts; the reference and tests stay as they are.
+- JAX 0.12 still has the Triton lowering (deprecated, with a warning) and runs these
+  kernels unchanged on a GPU; lowering them for "cuda" on a CPU machine needs the target
+  GPU named (`pallas_kernels.cross_lowering.as_gpu`). The supported range is JAX 0.10-0.12
+  (tested on both). When JAX removes Triton, port the body to `plgpu.kernel` with explicit
+  layouts behind the same `route` signature; the reference and tests stay as they are.
 """
 from __future__ import annotations
 

@@ -324,7 +324,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, init_from: Optional[str] =
                 for i in range(min(grpo.g.sample_texts, len(ro.completions))):
                     writer.write_text(step, f"samples/{i}", f"{_rows(ro)[i]['prompt']} -> {ro.completions[i]}")
                 log.info("grpo step %d: reward %.3f accuracy %.3f length %.1f (rollout %.1fs, train %.1fs)",
-                         step, record["reward_mean"], record["accuracy"], record["completion_length"],
+                         step, record["reward_mean"], record.get("accuracy", float("nan")), record["completion_length"],
                          record["rollout_s"], record["train_s"])
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 ckpt.save(step, {"state": state, "ref_params": ref_params}, config=cfg)
