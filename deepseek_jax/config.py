@@ -73,8 +73,16 @@ class ModelConfig:
     dtype: str = "float32"  # activation/compute dtype; parameters stay float32
     moe_dispatch: str = "dropless"  # "dropless" | "capacity" | "dense"
     capacity_factor: float = 1.25
+    # Which copies capacity dispatch drops (dispatch.py): "affinity" = DeepSeek-V2 §2.2.4 (per
+    # device, lowest affinity first; capacity_factor is per device) | "gshard" (per expert,
+    # first choices first, then token order). Training only: inference runs dropless.
+    capacity_policy: str = "affinity"
+    capacity_protected_fraction: float = 0.1  # "affinity": rows never dropped (moe.protected_rows)
     routing_impl: str = "xla"  # "auto" | "pallas" | "xla"
     remat: str = "none"  # "none" | "full" | "dots" (checkpoint policy per block)
+    # "reference" (the [T, S] score matrix; the test oracle), "blockwise" (online softmax,
+    # memory linear in T; blockwise_attention.py) or "auto" (resolve_attention_impl picks).
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         validate(self)
@@ -161,8 +169,14 @@ def validate(c: ModelConfig) -> None:
            "use 'dropless', 'capacity' or 'dense'")
     _check(c.capacity_factor > 0, "capacity_factor", c.capacity_factor,
            "must be > 0 (1.0 = exactly the average load per expert; 1.25 is a common choice)")
+    _check(c.capacity_policy in ("affinity", "gshard"), "capacity_policy", c.capacity_policy,
+           "use 'affinity' (DeepSeek-V2 token dropping) or 'gshard' (per-expert capacity)")
+    _check(0.0 <= c.capacity_protected_fraction <= 1.0, "capacity_protected_fraction",
+           c.capacity_protected_fraction, "must be in [0, 1] (DeepSeek-V2 protects ~0.1 of the sequences)")
     _check(c.routing_impl in ("auto", "pallas", "xla"), "routing_impl", c.routing_impl,
            "use 'auto', 'pallas' or 'xla'")
+    _check(c.attention_impl in ("auto", "reference", "blockwise"), "attention_impl", c.attention_impl,
+           "use 'auto', 'reference' or 'blockwise'")
     if not c.is_moe:
         return
     E, K = c.n_routed_experts, c.num_experts_per_tok

@@ -15,10 +15,17 @@ gradient). With P > 1, token copies travel to the device owning their expert and
             dropped; the price is P times the average buffer when routing is balanced).
             Plain `all_to_all` (REFERENCES: ragged_all_to_all does not compile on CPU
             and is unreliable on GPU). The receiver runs the grouped matmul on its El experts.
-  capacity  GShard: each source device gives every expert C = ceil(n K / E * factor)
+  capacity  policy "affinity" (DeepSeek-V2 §2.2.4): each device computes at most
+            ceil(n K * factor) copies, from all sources of its expert group together; the
+            sources all-gather every copy's priority (affinity score) and destination over
+            `expert`, so each knows which of its copies are among its destination's
+            highest-priority ones (`dispatch.affinity_keep`, the same ranking on every
+            device) and sends only those, through the dropless exchange. Drops depend on
+            the data split (an expert group routes its own n * P tokens).
+            Policy "gshard": each source device gives every expert C = ceil(n K / E * factor)
             slots (capacity per device group, so drops depend on the data split; with
-            enough capacity every mesh gives the same result); dropped copies are summed
-            over the mesh.
+            enough capacity every mesh gives the same result).
+            Dropped copies of valid tokens are summed over the mesh.
   dense     reference: tokens all-gathered over `expert`, every local expert on every
             token, partial outputs reduce-scattered back.
 Groups of the group-limited router are contiguous expert ranges, so with n_group a
@@ -35,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax import moe as moe_lib
+from deepseek_jax import dispatch
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.sharding import BATCH_AXES, validate_for_mesh
 
@@ -50,8 +57,10 @@ def active_mesh():
 
 
 def routed_experts(x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK, ids_NxK, c: ModelConfig,
-                   mesh=None):
+                   mesh=None, priority_NxK=None):
     """The routed experts' combined output [N, D] and dropped copies (int32 scalar).
+
+    priority_NxK: capacity dispatch's keep order (`moe.copy_priority`; None = all equal).
 
     Local when no mesh (or a one-device mesh) is active; otherwise shard_map over the
     mesh as described in the module docstring. Results do not depend on the mesh, except
@@ -60,32 +69,36 @@ def routed_experts(x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK, i
     mesh = mesh if mesh is not None else active_mesh()
     batch_axes = tuple(a for a in BATCH_AXES if mesh is not None and a in mesh.axis_names)
     dp = math.prod(mesh.shape[a] for a in batch_axes) if batch_axes else 1
+    if priority_NxK is None:
+        priority_NxK = jnp.zeros(ids_NxK.shape, jnp.float32)
     args = (x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK, ids_NxK)
     if dp == 1:
-        return moe_lib.expert_ffn(*args, c)
+        return dispatch.expert_ffn(*args, c, priority_NxK)
     validate_for_mesh(c, mesh)
     N = x_NxD.shape[0]
     if N % dp:
         log.warning("MoE: %d tokens do not split over the %d data-parallel devices; running the "
                     "experts without expert parallelism (XLA partitions it)", N, dp)
-        return moe_lib.expert_ffn(*args, c)
+        return dispatch.expert_ffn(*args, c, priority_NxK)
     has_ep = EXPERT_AXIS in mesh.axis_names and mesh.shape[EXPERT_AXIS] > 1
     tok, w_spec = P(batch_axes, None), P(EXPERT_AXIS if has_ep else None, None, None)
 
-    def body(x, wg, wu, wd, wts, ids):
+    def body(x, wg, wu, wd, wts, ids, pri):
         if not has_ep:
-            y, dropped = moe_lib.expert_ffn(x, wg, wu, wd, wts, ids, c)
+            y, dropped = dispatch.expert_ffn(x, wg, wu, wd, wts, ids, c, pri)
         elif c.moe_dispatch == "dense":
             y, dropped = _dense_ep(x, wg, wu, wd, wts, ids)
+        elif c.moe_dispatch == "capacity" and c.capacity_policy == "affinity":
+            y, dropped = _affinity_ep(x, wg, wu, wd, wts, ids, pri, c)
         elif c.moe_dispatch == "capacity":
-            y, dropped = _capacity_ep(x, wg, wu, wd, wts, ids, c)
+            y, dropped = _capacity_ep(x, wg, wu, wd, wts, ids, pri >= 0, c)
         else:
             y, dropped = _dropless_ep(x, wg, wu, wd, wts, ids)
         return y, jax.lax.psum(dropped, batch_axes)
 
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, w_spec, w_spec, w_spec, tok, tok),
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, w_spec, w_spec, w_spec, tok, tok, tok),
                        out_specs=(tok, P()))
-    return fn(*args)
+    return fn(*args, priority_NxK)
 
 
 def _exchange(buf_PxSx, axis=EXPERT_AXIS):
@@ -93,7 +106,8 @@ def _exchange(buf_PxSx, axis=EXPERT_AXIS):
     return jax.lax.all_to_all(buf_PxSx, axis, 0, 0, tiled=True)
 
 
-def _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK):
+def _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, keep_m=None):
+    """Every copy (or those with keep_m) to its expert's device and back; fixed buffers."""
     n, K = ids_nxK.shape
     D, El = x_nxD.shape[1], wg_ElxDxF.shape[0]
     Pn = jax.lax.axis_size(EXPERT_AXIS)
@@ -104,30 +118,47 @@ def _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK):
     rank_m = (jnp.cumsum(onehot_mxP, axis=0) * onehot_mxP).sum(-1) - 1  # < S by construction
     dest_m = peer_m * S + rank_m
     send_x = jnp.zeros((Pn * S, D), x_nxD.dtype).at[dest_m].set(jnp.repeat(x_nxD, K, axis=0))
-    send_e = jnp.full((Pn * S,), -1, jnp.int32).at[dest_m].set(local_m.astype(jnp.int32))
+    sent_m = local_m.astype(jnp.int32) if keep_m is None else jnp.where(keep_m, local_m, -1).astype(jnp.int32)
+    send_e = jnp.full((Pn * S,), -1, jnp.int32).at[dest_m].set(sent_m)
     recv_x = _exchange(send_x.reshape(Pn, S, D)).reshape(Pn * S, D)
     recv_e = _exchange(send_e.reshape(Pn, S)).reshape(Pn * S)
-    y_recv = moe_lib.grouped_ffn(recv_x, 1, jnp.maximum(recv_e, 0), recv_e >= 0,
+    y_recv = dispatch.grouped_ffn(recv_x, 1, jnp.maximum(recv_e, 0), recv_e >= 0,
                                   wg_ElxDxF, wu_ElxDxF, wd_ElxFxD)
     y_back = _exchange(y_recv.reshape(Pn, S, D)).reshape(Pn * S, D)
-    return moe_lib._combine(y_back[dest_m], weights_nxK), jnp.zeros((), jnp.int32)
+    return dispatch.combine(y_back[dest_m], weights_nxK), jnp.zeros((), jnp.int32)
 
 
-def _capacity_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, c: ModelConfig):
+def _affinity_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, priority_nxK, c: ModelConfig):
+    """DeepSeek-V2 token dropping: each device keeps its budget of highest-priority copies."""
+    n, K = ids_nxK.shape
+    m, El = n * K, wg_ElxDxF.shape[0]
+    Pn = jax.lax.axis_size(EXPERT_AXIS)
+    priority_m = jax.lax.stop_gradient(priority_nxK).reshape(-1)  # copy m = t * K + k
+    peer_m = (ids_nxK.reshape(-1) // El).astype(jnp.int32)
+    # A destination's budget is shared by every source of the expert group: gather the
+    # (small) priorities and destinations, rank them identically everywhere, keep our slice.
+    gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
+    keep_all = dispatch.affinity_keep(gather(priority_m), gather(peer_m), Pn, dispatch.device_budget(n, c))
+    keep_m = jax.lax.dynamic_slice_in_dim(keep_all, jax.lax.axis_index(EXPERT_AXIS) * m, m)
+    y, _ = _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, keep_m)
+    return y, (~keep_m & (priority_m >= 0)).sum().astype(jnp.int32)
+
+
+def _capacity_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, valid_nxK, c: ModelConfig):
     n, K = ids_nxK.shape
     D, El = x_nxD.shape[1], wg_ElxDxF.shape[0]
     Pn = jax.lax.axis_size(EXPERT_AXIS)
-    C = moe_lib.expert_capacity(n, c)
-    dest_m, keep_m = moe_lib.capacity_slots(ids_nxK, El * Pn, C)  # expert e = peer * El + local
+    C = dispatch.expert_capacity(n, c)
+    dest_m, keep_m = dispatch.capacity_slots(ids_nxK, El * Pn, C)  # expert e = peer * El + local
     token_m = jnp.tile(jnp.arange(n), K)
     send = jnp.zeros((Pn * El * C, D), x_nxD.dtype).at[dest_m].set(x_nxD[token_m], mode="drop")
     recv_PxElxCxD = _exchange(send.reshape(Pn, El * C, D)).reshape(Pn, El, C, D)
     xe_ElxPCxD = recv_PxElxCxD.transpose(1, 0, 2, 3).reshape(El, Pn * C, D)
-    ye = moe_lib._swiglu(xe_ElxPCxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, "ecd,edf->ecf", "ecf,efd->ecd")
+    ye = dispatch.swiglu(xe_ElxPCxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, "ecd,edf->ecf", "ecf,efd->ecd")
     back = _exchange(ye.reshape(El, Pn, C, D).transpose(1, 0, 2, 3).reshape(Pn, El * C, D))
     y_KxnxD = jnp.take(back.reshape(Pn * El * C, D), dest_m, axis=0, mode="fill", fill_value=0).reshape(K, n, D)
     out = jnp.einsum("knd,nk->nd", y_KxnxD, weights_nxK.astype(y_KxnxD.dtype))
-    return out, (~keep_m).sum().astype(jnp.int32)
+    return out, (~keep_m & valid_nxK.T.reshape(-1)).sum().astype(jnp.int32)
 
 
 def _dense_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK):
@@ -137,6 +168,6 @@ def _dense_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK):
     x_all, w_all, ids_all = gather(x_nxD), gather(weights_nxK), gather(ids_nxK)
     local = (ids_all >= first) & (ids_all < first + El)
     # Copies for other devices' experts get weight 0 (and any in-range id): they add nothing.
-    y_all, _ = moe_lib.expert_ffn_dense(x_all, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD,
+    y_all, _ = dispatch.expert_ffn_dense(x_all, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD,
                                         jnp.where(local, w_all, 0), jnp.where(local, ids_all - first, 0))
     return jax.lax.psum_scatter(y_all, EXPERT_AXIS, scatter_dimension=0, tiled=True), jnp.zeros((), jnp.int32)

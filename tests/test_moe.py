@@ -139,7 +139,7 @@ def test_capacity_counts_drops_exactly():
 
 def test_capacity_drops_on_expert_mesh_are_summed_per_source_device(setup):
     x, params, _ = setup
-    cfg = CFG.replace(moe_dispatch="capacity", capacity_factor=0.5)
+    cfg = CFG.replace(moe_dispatch="capacity", capacity_policy="gshard", capacity_factor=0.5)
     mesh = sharding.make_mesh(MESHES["2data_4expert"])
     with jax.set_mesh(mesh):
         _, stats = jax.jit(moe.MoE(cfg).apply)({"params": params}, x)
