@@ -47,7 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
     c.sharding_rules = ml_collections.ConfigDict()  # logical axis -> mesh axes overrides
     c.moe = ml_collections.ConfigDict(dict(
-        dispatch="dropless", capacity_factor=1.25, routing_impl="auto", bias_update_rate=1e-3))
+        dispatch="dropless", capacity_factor=1.25, routing_impl="auto", bias_update_rate=1e-3,
+        capacity_policy="affinity"))
     # The schedule's length is always the top-level total_steps.
     c.optimizer = ml_collections.ConfigDict(
         {k: v for k, v in _dataclass_defaults(OptimizerConfig).items() if k != "total_steps"})
@@ -82,6 +83,8 @@ def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     if moe is not None:
         fields.update(moe_dispatch=moe.dispatch, capacity_factor=moe.capacity_factor,
                       routing_impl=moe.routing_impl)
+        if "capacity_policy" in moe:  # configs saved before the key existed keep the default
+            fields.update(capacity_policy=moe.capacity_policy)
     return ModelConfig.from_dict(fields)
 
 
