@@ -24,18 +24,43 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax import kv_cache
+from deepseek_jax import gpu_kernels, kv_cache
+from deepseek_jax.blockwise_attention import CausalSegmentMask, blockwise_attention, resolve_attention_impl
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Dense, RMSNorm, apply_rope, constrain, matmul_2d, softmax_scale
 
 
-def attention_mask(segment_ids_BxT: Optional[jax.Array], T: int) -> jax.Array:
-    """[B or 1, 1, T, T] boolean: causal, and (when packing) only within the same document."""
+def attention_mask(segment_ids_BxT: Optional[jax.Array], T: int, impl: str = "reference"):
+    """[B or 1, 1, T, T] boolean: causal, and (when packing) only within the same document.
+
+    When `impl` (ModelConfig.attention_impl) resolves to "blockwise", the same mask described
+    per position (CausalSegmentMask), which `attend` evaluates block by block.
+    """
+    resolved = resolve_attention_impl(impl)
+    if resolved == "flash":
+        return gpu_kernels.FlashMask(segment_ids_BxT)
+    if resolved == "blockwise":
+        return CausalSegmentMask(segment_ids_BxT)
     causal_TxS = jnp.tril(jnp.ones((T, T), dtype=bool))
     if segment_ids_BxT is None:
         return causal_TxS[None, None]
     same_doc = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
     return (causal_TxS[None] & same_doc)[:, None]
+
+
+def attend(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxA: jax.Array, mask, scale: float) -> jax.Array:
+    """Attention with G kv heads for H query heads: blockwise for a CausalSegmentMask (no
+    [T, S] matrix), else the reference `dot_product_attention` over the dense boolean mask."""
+    if isinstance(mask, gpu_kernels.FlashMask):
+        return gpu_kernels.flash_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxA, scale=scale, causal=True,
+                                           segment_ids=mask.segment_ids)
+    if isinstance(mask, CausalSegmentMask):
+        return blockwise_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxA, scale=scale, causal=True,
+                                   segment_ids=mask.segment_ids)
+    J = q_BxTxHxK.shape[2] // k_BxSxGxK.shape[2]
+    if J > 1:
+        k_BxSxGxK, v_BxSxGxA = jnp.repeat(k_BxSxGxK, J, axis=2), jnp.repeat(v_BxSxGxA, J, axis=2)
+    return dot_product_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxA, mask, scale)
 
 
 def dot_product_attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxA: jax.Array,
@@ -73,8 +98,7 @@ class MHA(nn.Module):
                      "v": constrain(kv_cache.write(cache["v"], v, index), axes)}
             out = grouped_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), mask, softmax_scale(K, None))
             return o_proj(out), cache
-        k, v = jnp.repeat(k, H // G, axis=2), jnp.repeat(v, H // G, axis=2)
-        out = dot_product_attention(q, k, v, mask, softmax_scale(K, None))
+        out = attend(q, k, v, mask, softmax_scale(K, None))
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         return o_proj(out)
 
@@ -142,8 +166,7 @@ class MLA(nn.Module):
         q_BxTxHx_ = jnp.concatenate([q_nope, q_pe], axis=-1)
         q_BxTxHx_ = constrain(q_BxTxHx_, ("batch", "length", "heads", "head_dim"))
         k_BxSxHx_ = constrain(k_BxSxHx_, ("batch", "length", "heads", "head_dim"))
-        return dot_product_attention(q_BxTxHx_, k_BxSxHx_, v_BxSxHxA, mask,
-                                     softmax_scale(c.qk_head_dim, c.rope_scaling))
+        return attend(q_BxTxHx_, k_BxSxHx_, v_BxSxHxA, mask, softmax_scale(c.qk_head_dim, c.rope_scaling))
 
     def absorbed_attention(self, q_nope_BxTxHxN, q_pe_BxTxHxR, ckv_BxSxC, k_pe_BxSxR, mask):
         """Attention over the latent itself (V2 §2.1.2): q_nope.k_nope = (q_nope W_UK^T).c_kv and

@@ -175,8 +175,8 @@ def validate(c: ModelConfig) -> None:
            c.capacity_protected_fraction, "must be in [0, 1] (DeepSeek-V2 protects ~0.1 of the sequences)")
     _check(c.routing_impl in ("auto", "pallas", "xla"), "routing_impl", c.routing_impl,
            "use 'auto', 'pallas' or 'xla'")
-    _check(c.attention_impl in ("auto", "reference", "blockwise"), "attention_impl", c.attention_impl,
-           "use 'auto', 'reference' or 'blockwise'")
+    _check(c.attention_impl in ("auto", "reference", "blockwise", "flash"), "attention_impl", c.attention_impl,
+           "use 'auto', 'reference', 'blockwise' or 'flash' (GPU: tokamax's kernel, gpu_kernels.py)")
     if not c.is_moe:
         return
     E, K = c.n_routed_experts, c.num_experts_per_tok
