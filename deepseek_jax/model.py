@@ -139,7 +139,7 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_cos_sin(positions, c)
         if cache is None:
-            mask = attention_mask(segment_ids, T)
+            mask = attention_mask(segment_ids, T, c.attention_impl)
 
         embed = Embed(c.vocab_size, c.hidden_size, dt, name="embed")
         x = constrain(embed(tokens_BxT), ("batch", "length", "embed"))
