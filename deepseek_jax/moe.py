@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax import expert_parallel
+from deepseek_jax import dispatch, expert_parallel
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.dispatch import (  # noqa: F401  (re-exported)
     dropless_tile_rows, expert_capacity, expert_ffn, expert_ffn_capacity, expert_ffn_dense,
@@ -72,12 +72,13 @@ def protected_rows(B: int, fraction: float) -> np.ndarray:
 def copy_priority(scores_NxE, ids_NxK, valid_BxT, B: int, T: int, c: ModelConfig) -> jax.Array:
     """[N, K] float32 keep order of each routed copy for capacity dispatch (higher kept first).
 
-    The copy's affinity score s_{i,t} in [0, 1] (un-biased softmax / sigmoid score); + 2 for
-    protected rows (kept before any other); -1 for padding tokens (dropped first, never counted).
+    The copy's affinity score s_{i,t} in [0, 1] (un-biased softmax / sigmoid score); plus
+    dispatch.PROTECTED_PRIORITY for protected rows (never dropped); -1 for padding tokens
+    (dropped first, never counted).
     """
     aff_NxK = jnp.take_along_axis(scores_NxE, ids_NxK, axis=-1)
     prot_N = jnp.asarray(np.repeat(protected_rows(B, c.capacity_protected_fraction), T))
-    pri_NxK = aff_NxK + 2.0 * prot_N[:, None]
+    pri_NxK = aff_NxK + dispatch.PROTECTED_PRIORITY * prot_N[:, None]
     if valid_BxT is not None:
         pri_NxK = jnp.where(valid_BxT.reshape(-1, 1), pri_NxK, -1.0)
     return jax.lax.stop_gradient(pri_NxK.astype(jnp.float32))

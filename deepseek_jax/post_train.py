@@ -214,3 +214,59 @@ def with_dpo_reference(cfg: ml_collections.ConfigDict, parts, state, *, resumed:
 
     return dataclasses.replace(parts, train_step=_Step(),
                                eval_step=lambda params, batch: eval_step(params, reference(batch)))
+
+
+# ----- GRPO prompts -------------------------------------------------------------------------------
+
+_PROMPTS: dict = {}
+
+
+def load_prompts(cfg: ml_collections.ConfigDict, path: str) -> list[dict]:
+    """Rows of a GRPO prompt file as problem dicts: {"prompt": the user's text, "_input": what
+    the model continues (chat-templated with the generation prompt; absent with "none",
+    when the prompt is encoded after bos as for the synthetic tasks), "_where": file:line,
+    **the row's other columns (passed to rewards)}. Read once per process."""
+    key = (path, cfg.data.tokenizer, cfg.data.get("chat_template", "none"))
+    if key not in _PROMPTS:
+        template = chat_template(cfg)
+        problems = []
+        for where, row in sources.read_rows(path):
+            if "messages" in row:
+                problem = chat.check_messages(row["messages"])
+                if problem:
+                    raise ValueError(f"{where}: {problem}")
+                messages = row["messages"]
+            elif isinstance(row.get("prompt"), str):
+                messages = [{"role": "user", "content": row["prompt"]}]
+            else:
+                raise ValueError(f"{where}: a GRPO prompt row needs a string 'prompt' or a 'messages' list; "
+                                 f"it has {sorted(row)}")
+            out = {k: v for k, v in row.items() if k != "messages"}
+            out["prompt"] = row["prompt"] if isinstance(row.get("prompt"), str) else messages[-1]["content"]
+            out["_where"] = where
+            if template is not None:
+                try:
+                    out["_input"] = chat.prompt_text(template, messages)
+                except chat.TemplateMismatch as e:
+                    raise ValueError(f"{where}: {e}") from None
+            elif "messages" in row:
+                out["_input"] = None  # encoded as the concatenated contents, after bos
+                out["prompt"] = "".join(m["content"] for m in messages)
+            problems.append(out)
+        _PROMPTS[key] = problems
+    return _PROMPTS[key]
+
+
+def prompts_for_step(cfg: ml_collections.ConfigDict, step: int) -> list[dict]:
+    """The `grpo.prompts_per_step` prompts of GRPO step `step`: each epoch visits every row
+    once in an order drawn from (seed, epoch), so a step's prompts depend only on (seed, step)."""
+    import numpy as np
+
+    rows = load_prompts(cfg, cfg.grpo.prompts)
+    P, N = cfg.grpo.prompts_per_step, len(rows)
+    out = []
+    for i in range(step * P, (step + 1) * P):
+        epoch, j = divmod(i, N)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(N)
+        out.append(rows[int(order[j])])
+    return out

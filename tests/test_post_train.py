@@ -107,3 +107,80 @@ def test_sft_bad_rows_name_file_and_line(ckpt, tmp_path):
     cfg.data.path = shape
     with pytest.raises(ValueError, match=r"shape.jsonl:2: field 'messages': messages\[0\] has no string 'content'"):
         trainer.build_data(cfg)
+
+
+# ----- GRPO ----------------------------------------------------------------------------------------
+
+REWARD_FILE = '''
+def says_answer(prompt, completion, answer, **columns):
+    """Answer with the row's word: 1 for the word itself; partial credit for using its letters."""
+    text = completion.strip()
+    if not text:
+        return 0.0
+    letters = sum(ch in answer for ch in text) / len(text)
+    return 0.5 * (answer in text.split()) + 0.5 * letters
+
+
+def flaky(prompt, completion, **columns):
+    if "a" in completion:
+        raise ZeroDivisionError("boom")
+    return float("nan") if "e" in completion else 1.0
+'''
+
+
+def test_grpo_user_prompts_and_reward_file_raise_reward(ckpt, tmp_path):
+    from deepseek_jax.rl import grpo
+
+    (tmp_path / "my_rewards.py").write_text(REWARD_FILE)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": f"Say the word: {w}.", "answer": w} for w in ("yes", "no", "red", "apple")])
+    cfg = config("grpo", ckpt, **{
+        "grpo.prompts": prompts, "grpo.eval_prompts": prompts,
+        "grpo.reward_spec": f"{tmp_path}/my_rewards.py:says_answer=1.0",
+        "grpo.prompts_per_step": 4, "grpo.group_size": 8, "grpo.max_prompt_len": 24,
+        "grpo.max_new_tokens": 6, "grpo.temperature": 1.0, "grpo.eval_problems": 4,
+        "total_steps": 24, "optimizer.learning_rate": 1e-2, "model.num_mtp_layers": 0})
+    out = grpo.run(cfg, str(tmp_path / "w"), init_from=ckpt)
+    rewards = [json.loads(line)["reward_mean"] for line in open(tmp_path / "w" / "metrics.jsonl")
+               if "reward_mean" in json.loads(line)]
+    early, late = np.mean(rewards[:4]), np.mean(rewards[-4:])
+    # Measured: 0.04 -> 0.19 (steps 1-4 vs 21-24).
+    assert late > max(3 * early, early + 0.1), rewards
+    assert "reward_mean" in out["heldout"] and out["reward_failures"] == 0
+
+
+def test_reward_spec_errors_and_failures(tmp_path):
+    from deepseek_jax.rl import rewards
+
+    (tmp_path / "my_rewards.py").write_text(REWARD_FILE)
+    with pytest.raises(rewards.RewardError, match=r"reward 'nope.py:f': could not import it \(FileNotFoundError"):
+        rewards.parse_reward_spec("accuracy=1,nope.py:f=1")
+    with pytest.raises(rewards.RewardError, match=r"reward 'no_such_pkg_xyz:f': could not import it"):
+        rewards.parse_reward_spec("no_such_pkg_xyz:f=1")
+    with pytest.raises(rewards.RewardError, match=r"could not import it \(AttributeError"):
+        rewards.parse_reward_spec(f"{tmp_path}/my_rewards.py:missing=1")
+    with pytest.raises(rewards.RewardError, match=r"neither a registry reward"):
+        rewards.parse_reward_spec("acuracy=1")
+    with pytest.raises(rewards.RewardError, match=r"expected NAME=WEIGHT"):
+        rewards.parse_reward_spec("accuracy")
+    spec = rewards.parse_reward_spec(f"{tmp_path}/my_rewards.py:flaky=2.0")
+    rows = [{"prompt": "p", "_where": "prompts.jsonl:7"}] * 4
+    completions = ["xyz", "abc", "eee", "zzz"]  # ok, raises, NaN, ok
+    scorer = rewards.Scorer(spec, max_failure_fraction=0.5)
+    per, failed = scorer(rows, completions)
+    np.testing.assert_array_equal(per["flaky"] if "flaky" in per else per[spec[0][0]], [2.0, 0.0, 0.0, 2.0])
+    assert len(failed) == 2 and scorer.failures == 2
+    assert "prompts.jsonl:7" in failed[0] and "'abc'" in failed[0] and "ZeroDivisionError: boom" in failed[0]
+    assert "returned nan" in failed[1]
+    with pytest.raises(rewards.RewardError, match=r"2 of 4 reward calls failed .*max_reward_failure_fraction=0.25"):
+        rewards.Scorer(spec, max_failure_fraction=0.25)(rows, completions)
+
+
+def test_grpo_prompt_file_errors(ckpt, tmp_path):
+    cfg = post_train.resolve_init_from(config("grpo", ckpt))
+    bad = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "answer": "x"}, "", {"question": "b"}])
+    with pytest.raises(ValueError, match=r"p.jsonl:3: a GRPO prompt row needs a string 'prompt' or a 'messages'"):
+        post_train.load_prompts(cfg, bad)
+    broken = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "a"}, "{not json"])
+    with pytest.raises(ValueError, match=r"q.jsonl:2: invalid JSON"):
+        post_train.load_prompts(cfg, broken)

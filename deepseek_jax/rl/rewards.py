@@ -15,12 +15,21 @@ against a whitelist, and code runs only in `sandbox.run_sandboxed`, another proc
 """
 import ast
 import fractions
+import importlib
+import importlib.util
+import logging
+import math
 import operator
+import os
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
+
 from deepseek_jax.rl import sandbox
+
+log = logging.getLogger(__name__)
 
 Reward = Callable[..., float]
 
@@ -235,3 +244,104 @@ def _task(fields: Mapping) -> str:
         raise ValueError(f"Unknown task {task!r}; accuracy supports 'arithmetic' and "
                          "'countdown'.")
     return task
+
+
+# ----- user rewards: "NAME=WEIGHT,..." with registry names or import paths ---------------------
+
+class RewardError(RuntimeError):
+    """A reward spec that cannot be loaded, or a step where too many reward calls failed."""
+
+
+def load_reward(name: str) -> Reward:
+    """A registry name, `pkg.module:function`, or `path/to/file.py:function`."""
+    if name in REWARDS:
+        return REWARDS[name]
+    target, sep, attr = name.rpartition(":")
+    if not sep or not target or not attr:
+        raise RewardError(f"reward {name!r} is neither a registry reward {sorted(REWARDS)} nor an import path "
+                          "'pkg.module:function' / 'path/to/file.py:function'")
+    try:
+        if target.endswith(".py"):
+            if not os.path.isfile(target):
+                raise FileNotFoundError(f"no file {target!r} (relative paths start at {os.getcwd()})")
+            spec = importlib.util.spec_from_file_location(
+                "_user_reward_" + os.path.basename(target).removesuffix(".py"), target)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        fn = getattr(module, attr)
+    except Exception as e:  # noqa: BLE001 - whatever the user's module raises, name the spec
+        raise RewardError(f"reward {name!r}: could not import it ({type(e).__name__}: {e})") from e
+    if not callable(fn):
+        raise RewardError(f"reward {name!r}: {attr} is a {type(fn).__name__}, not a function "
+                          "reward(prompt, completion, **columns) -> float")
+    return fn
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float, Reward]]:
+    """'accuracy=1.0,my_rewards.py:exact=0.5' -> [(name, weight, function), ...]."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, sep, weight = item.rpartition("=")
+        if not sep or not name:
+            raise RewardError(f"grpo.reward_spec item {item!r}: expected NAME=WEIGHT, e.g. 'accuracy=1.0'")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise RewardError(f"grpo.reward_spec item {item!r}: weight {weight!r} is not a number") from None
+        out.append((name.strip(), w, load_reward(name.strip())))
+    if not out:
+        raise RewardError(f"grpo.reward_spec={spec!r} names no reward; e.g. 'accuracy=1.0,format=0.1'")
+    return out
+
+
+class Scorer:
+    """Weighted rewards over completions, robust to rewards that fail.
+
+    A call that raises or returns something that is not a finite number scores 0 and is
+    counted (`failures`) and logged with its row and completion; a step where more than
+    `max_failure_fraction` of the calls fail stops the run (RewardError), since its
+    advantages would mostly measure the failures. Rows' keys starting with "_" are ours
+    (e.g. "_where", the file:line) and are not passed to rewards.
+    """
+
+    def __init__(self, rewards: list[tuple[str, float, Reward]], max_failure_fraction: float = 0.1):
+        if not 0.0 <= max_failure_fraction <= 1.0:
+            raise ValueError(f"grpo.max_reward_failure_fraction={max_failure_fraction}: use a fraction in [0, 1]")
+        self.rewards, self.max_failure_fraction = rewards, max_failure_fraction
+        self.failures = 0  # over the run
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.rewards]
+
+    def __call__(self, rows: list, completions: list[str]):
+        """({name: [B] weighted scores}, [failure descriptions])."""
+        per = {name: [] for name in self.names}
+        failed = []
+        for row, completion in zip(rows, completions):
+            columns = {k: v for k, v in row.items() if not k.startswith("_") and k != "prompt"}
+            for name, weight, fn in self.rewards:
+                try:
+                    value = fn(row["prompt"], completion, **columns)
+                    value = float(value)
+                    if not math.isfinite(value):
+                        raise ValueError(f"returned {value}")
+                except Exception as e:  # noqa: BLE001 - a user's reward may raise anything
+                    value = 0.0
+                    failed.append(f"reward {name!r} on {row.get('_where', 'prompt ' + repr(row['prompt'][:60]))}, "
+                                  f"completion {completion[:200]!r}: {type(e).__name__}: {e}")
+                per[name].append(weight * value)
+        calls = max(len(rows) * len(self.rewards), 1)
+        self.failures += len(failed)
+        for message in failed[:3]:
+            log.warning("%s (scored 0)", message)
+        if len(failed) > 3:
+            log.warning("... %d more reward failures this step", len(failed) - 3)
+        if len(failed) / calls > self.max_failure_fraction:
+            raise RewardError(f"{len(failed)} of {calls} reward calls failed in one step (more than "
+                              f"grpo.max_reward_failure_fraction={self.max_failure_fraction}); first: {failed[0]}")
+        return {n: np.asarray(v, np.float32) for n, v in per.items()}, failed
