@@ -10,7 +10,9 @@ softmax scores without renormalisation, scale 16, YaRN factor 40 with mscale 0.7
 Training values follow the paper §3.2: AdamW (0.9, 0.95), weight decay 0.1, clip 1.0,
 2000 warmup steps to 2.4e-4, x0.316 after ~60% and again after ~90% of 8.1T tokens, batch
 9216 x 4096 tokens, balance losses alpha_1 0.003 / alpha_2 0.05 / alpha_3 0.02, token
-dropping with capacity factor 1.0.
+dropping (§2.2.4, `moe.capacity_policy="affinity"`): each device computes at most its average
+load (capacity factor 1.0), dropping the lowest-affinity copies; ~10% of the sequences are
+never dropped, and evaluation and generation never drop.
 
 Cluster defaults (a GPU cluster, e.g. 256 x H100/H200): bfloat16 compute with float32 master
 weights, full rematerialisation, 8-way expert parallelism inside a node (the paper's EP), the
@@ -46,8 +48,8 @@ def get_config(arg=None):
     c.compute_dtype = "bfloat16"
     c.remat = "full"
     c.mesh.update(dict(data=1, fsdp=-1, expert=8, tensor=1))
-    c.moe.update(dict(dispatch="capacity", capacity_factor=1.0, routing_impl="auto",
-                      bias_update_rate=0.0))
+    c.moe.update(dict(dispatch="capacity", capacity_policy="affinity", capacity_factor=1.0,
+                      routing_impl="auto", bias_update_rate=0.0))
     c.data.seq_len = 4096
     c.data.batch_size = 9216
     c.microbatches = 36

@@ -10,6 +10,8 @@ q-LoRA, 64 routed experts (top-6, greedy: no group limit) + 2 shared, softmax sc
 AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, 2000 warmup steps to 4.2e-4, the V2 step decay,
 batch 4608 x 4096 tokens over 5.7T tokens, expert-level balance loss alpha_1 0.001 (the
 experts are not spread over devices for routing, so no device/communication losses).
+Dispatch is dropless; `--config.moe.dispatch=capacity` gives V2's token dropping (§2.2.4,
+`moe.capacity_policy="affinity"`, capacity factor 1.0 per device; never at inference).
 
 Cluster defaults (a GPU cluster, e.g. 64 x H100/H200): bfloat16 compute with float32 master
 weights, full rematerialisation, 8-way expert parallelism inside a node, the remaining
@@ -44,7 +46,8 @@ def get_config(arg=None):
     c.compute_dtype = "bfloat16"
     c.remat = "full"
     c.mesh.update(dict(data=1, fsdp=-1, expert=8, tensor=1))
-    c.moe.update(dict(dispatch="dropless", routing_impl="auto", bias_update_rate=0.0))
+    c.moe.update(dict(dispatch="dropless", capacity_policy="affinity", capacity_factor=1.0,
+                      routing_impl="auto", bias_update_rate=0.0))
     c.data.seq_len = 4096
     c.data.batch_size = 4608
     c.microbatches = 72

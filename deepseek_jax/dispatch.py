@@ -44,6 +44,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import gpu_kernels
 from deepseek_jax.config import ModelConfig
 
 
@@ -68,8 +69,9 @@ def expert_ffn_dense(x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK,
 # ----- dropless: grouped matmul over copies sorted by expert ------------------------------------
 
 def grouped_impl() -> str:
-    """'ragged' where XLA has grouped-matmul kernels, 'tiled' on CPU (see module docstring)."""
-    return "tiled" if jax.default_backend() == "cpu" else "ragged"
+    """'tiled' on CPU; on GPU 'tokamax' (XLA:GPU lowers ragged_dot to a dense dot over all E
+    experts: gpu_kernels.py); 'ragged' on TPU, where XLA has grouped-matmul kernels."""
+    return {"cpu": "tiled", "gpu": "tokamax"}.get(gpu_kernels.target_platform(), "ragged")
 
 
 def dropless_tile_rows(num_copies: int, num_experts: int) -> int:
@@ -247,7 +249,8 @@ def grouped_ffn(x_SxD, copies_per_row: int, ids_M, valid_M, w_gate_ExDxF, w_up_E
     M = S * copies_per_row (copy m of row s is m = s * copies_per_row + j); copies with
     valid_M False give zero rows.
     """
-    fn = grouped_ffn_tiled if (impl or grouped_impl()) == "tiled" else grouped_ffn_ragged
+    fn = {"tiled": grouped_ffn_tiled, "ragged": grouped_ffn_ragged,
+          "tokamax": gpu_kernels.grouped_ffn_tokamax}[impl or grouped_impl()]
     return fn(x_SxD, copies_per_row, ids_M, valid_M, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
 
 
@@ -308,12 +311,19 @@ def expert_ffn_capacity(x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_N
     return out, (~keep_M & valid_M).sum().astype(jnp.int32)
 
 
+# Priorities at or above this mark protected copies (affinities are in [0, 1]; moe.copy_priority).
+PROTECTED_PRIORITY = 2.0
+
+
 def affinity_keep(priority_M: jax.Array, dest_M: jax.Array, num_dests: int, budget: int) -> jax.Array:
-    """keep_M: per destination device, its `budget` copies of highest priority.
+    """keep_M: per destination device, its `budget` copies of highest priority, plus every
+    protected copy (priority >= PROTECTED_PRIORITY).
 
     DeepSeek-V2 §2.2.4 drops the lowest-affinity copies on each device until its budget
-    holds. Ties keep the lower copy index m. Copies with negative priority (padding) are
-    never kept: they come last and their outputs are unused.
+    holds, and never drops the tokens of ~10% of the sequences: protected copies rank first
+    and so use the budget first; if they alone exceed it they are all kept anyway. Ties keep
+    the lower copy index m. Copies with negative priority (padding) are never kept: they
+    come last and their outputs are unused.
     """
     M = priority_M.shape[0]
     by_priority_M = jnp.argsort(-priority_M, stable=True)
@@ -322,7 +332,7 @@ def affinity_keep(priority_M: jax.Array, dest_M: jax.Array, num_dests: int, budg
     start_P = jnp.cumsum(counts_P) - counts_P
     rank_sorted_M = jnp.arange(M, dtype=jnp.int32) - start_P[dest_M[order_M]]
     rank_M = jnp.zeros((M,), jnp.int32).at[order_M].set(rank_sorted_M.astype(jnp.int32))
-    return (rank_M < budget) & (priority_M >= 0)
+    return ((rank_M < budget) | (priority_M >= PROTECTED_PRIORITY)) & (priority_M >= 0)
 
 
 def expert_ffn_affinity(x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK, ids_NxK, priority_NxK,

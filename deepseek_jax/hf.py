@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import struct
@@ -93,6 +94,15 @@ def config_from_hf(d: dict, **overrides: Any) -> ModelConfig:
             routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
             router_bias=topk_method == "noaux_tc",
             num_mtp_layers=d.get("num_nextn_predict_layers", 0) if v3 else 0)
+        if not v3 and cfg["norm_topk_prob"] and cfg["num_experts_per_tok"] > 1:
+            # DeepSeek's released V2 code renormalises the top-k weights when norm_topk_prob
+            # and then does NOT apply routed_scaling_factor (moe.routing_args); we follow it.
+            # transformers' DeepseekV2 ignores the flag and always scales: its logits differ.
+            logging.getLogger(__name__).warning(
+                "config.json: deepseek_v2 with norm_topk_prob=true: routing follows DeepSeek's released "
+                "V2 code (renormalise the top-%d weights, no routed_scaling_factor=%s); transformers' "
+                "DeepseekV2 ignores norm_topk_prob, so its outputs will differ from this model's",
+                cfg["num_experts_per_tok"], cfg["routed_scaling_factor"])
     else:
         raise CheckpointError(f"config.json model_type={model_type!r} is not supported; expected "
                               "'deepseek_v2', 'deepseek_v3' or 'llama'")

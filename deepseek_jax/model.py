@@ -148,8 +148,8 @@ class Transformer(nn.Module):
         for i in range(c.num_hidden_layers):
             if cache is None:
                 x, s = block_cls(c, c.is_moe_layer(i), name=f"layers_{i}")(x, cos, sin, mask, valid_BxT)
-            else:  # no remat: generation never differentiates
-                x, s, layer = Block(c, c.is_moe_layer(i), name=f"layers_{i}")(
+            else:  # no remat: generation never differentiates; and never drops tokens
+                x, s, layer = Block(dropless_config(c), c.is_moe_layer(i), name=f"layers_{i}")(
                     x, cos, sin, mask, valid_BxT, cache.layers[i], index, absorbed)
                 layer_caches.append(layer)
             stats.append(s)
@@ -167,18 +167,35 @@ class Transformer(nn.Module):
         h_prev, next_tokens = h, tokens_BxT
         for k in range(c.num_mtp_layers):
             # Depth k+1 at position i sees token t_{i+k+1} and predicts t_{i+k+2}; the embedding
-            # and output head are shared with the main model.
+            # and output head are shared with the main model. The chain of V3 eq. 21-22: depth k
+            # builds on depth k-1's representation, the same kind at every depth: the final-normed
+            # state its output head reads (the main model's h for depth 1, as the checkpoints run).
             next_tokens = shift_left(next_tokens)
-            h_prev, h_out, s = MTPModule(c, name=f"mtp_{k}")(h_prev, embed(next_tokens), cos, sin, mask,
-                                                             valid_BxT)
+            _, h_prev, s = MTPModule(c, name=f"mtp_{k}")(h_prev, embed(next_tokens), cos, sin, mask, valid_BxT)
             stats.append(s)
-            mtp_logits.append(head(h_out))
+            mtp_logits.append(head(h_prev))
         return ModelOutput(
             logits=logits,
             mtp_logits=jnp.stack(mtp_logits) if mtp_logits else None,
             moe=_stack_stats(stats),
             hidden=h,
         )
+
+
+def dropless_config(config: ModelConfig) -> ModelConfig:
+    """`config` with capacity dispatch replaced by dropless dispatch (same parameters).
+
+    DeepSeek-V2 §2.2.4 drops tokens in training only. Inference (generation, evaluation,
+    GRPO rollouts and their log-probs) runs dropless, so a row's output never depends on
+    which other rows share its batch.
+    """
+    return config.replace(moe_dispatch="dropless") if config.moe_dispatch == "capacity" else config
+
+
+def inference_model(model: "Transformer") -> "Transformer":
+    """`model` for evaluation and sampling: the same module with dropless dispatch."""
+    config = dropless_config(model.config)
+    return model if config is model.config else Transformer(config)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, length: int = 8):

@@ -50,7 +50,7 @@ from deepseek_jax.config import ConfigError
 from deepseek_jax.data import pipeline as data_pipeline
 from deepseek_jax.data import sources
 from deepseek_jax.metrics import MetricsWriter, expert_load_stats, measure_peak_flops, model_flops_per_token
-from deepseek_jax.model import Transformer
+from deepseek_jax.model import Transformer, inference_model
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,9 @@ def build_state_and_step(cfg: ml_collections.ConfigDict, mesh, *, loss_name: Opt
     params_sharding = jax.tree.map(lambda x: x.sharding, abstract.params)
     return Parts(model_config=model_config, model=model, optimizer=optimizer, schedule=schedule,
                  loss_fn=loss_fn, mesh=mesh, rules=rules, abstract_state=abstract, train_step=step,
-                 eval_step=make_eval_step(loss_fn, mesh, rules, params_sharding), seed=cfg.seed)
+                 # Evaluation never drops tokens (DeepSeek-V2 §2.2.4): the dropless twin of the model.
+                 eval_step=make_eval_step(ts.bind_loss(loss_name, inference_model(model), loss_cfg),
+                                          mesh, rules, params_sharding), seed=cfg.seed)
 
 
 def make_eval_step(loss_fn: Callable, mesh, rules, params_sharding) -> Callable:

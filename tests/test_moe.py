@@ -246,3 +246,144 @@ def test_load_stats_closed_form():
     np.testing.assert_allclose(stats["min_over_mean"], [0.0, 1.0])
     np.testing.assert_allclose(stats["cv"], [np.std([3, 1, 0, 0]) / 1.0, 0.0], rtol=1e-6)
     np.testing.assert_allclose(stats["drop_rate"], [0.25, 0.0])
+
+
+# ----- routing semantics of DeepSeek's released code (numpy oracle) ------------------------------
+
+def _deepseek_gate(logits, bias, *, version, K, norm_topk_prob, scale, n_group, topk_group):
+    """MoEGate.forward of DeepSeek's released modeling_deepseek.py, V2 or V3, as dense [N, E] weights.
+
+    V2: softmax, group score = max (group_limited_greedy; greedy when n_group = 1), then
+    `if top_k > 1 and norm_topk_prob: normalise  else: * routed_scaling_factor`.
+    V3: sigmoid, selection on s + bias with top-2-sum groups, weights from s, normalise when
+    top_k > 1 and norm_topk_prob, then always * routed_scaling_factor.
+    """
+    N, E = logits.shape
+    if version == 2:
+        s = np.exp(logits - logits.max(-1, keepdims=True))
+        s = s / s.sum(-1, keepdims=True)
+        choice = s
+        group_score = choice.reshape(N, n_group, -1).max(-1)
+    else:
+        s = 1.0 / (1.0 + np.exp(-logits))
+        choice = s + bias
+        group_score = np.sort(choice.reshape(N, n_group, -1), -1)[..., -2:].sum(-1)
+    out = np.zeros((N, E))
+    for t in range(N):
+        groups = np.argsort(-group_score[t], kind="stable")[:topk_group]
+        allowed = np.repeat(np.isin(np.arange(n_group), groups), E // n_group)
+        idx = np.argsort(-np.where(allowed, choice[t], -np.inf), kind="stable")[:K]
+        w = s[t, idx]
+        if version == 2:
+            w = w / (w.sum() + 1e-20) if (K > 1 and norm_topk_prob) else w * scale
+        else:
+            w = w / (w.sum() + 1e-20) if (K > 1 and norm_topk_prob) else w
+            w = w * scale
+        out[t, idx] = w
+    return out
+
+
+@pytest.mark.parametrize("version, K, norm", [(2, 3, True), (2, 3, False), (2, 1, True), (3, 3, True), (3, 1, True)])
+def test_routing_weights_follow_deepseeks_released_gate(version, K, norm):
+    E, G, M, N = 16, 4, 2, 24
+    cfg = ModelConfig(n_routed_experts=E, num_experts_per_tok=K, n_group=G, topk_group=M,
+                      scoring_func="softmax" if version == 2 else "sigmoid",
+                      group_score="max" if version == 2 else "top2_sum", norm_topk_prob=norm,
+                      routed_scaling_factor=16.0 if version == 2 else 2.5, router_bias=version == 3)
+    logits = np.asarray(jax.random.normal(jax.random.key(11), (N, E)), np.float64)
+    bias = np.asarray(0.3 * jax.random.normal(jax.random.key(12), (E,)), np.float64) if version == 3 else None
+    want = _deepseek_gate(logits, bias, version=version, K=K, norm_topk_prob=norm,
+                          scale=cfg.routed_scaling_factor, n_group=G, topk_group=M)
+    for impl in ("xla", "pallas"):
+        w, ids = moe.route(jnp.asarray(logits, jnp.float32), None if bias is None else jnp.asarray(bias, jnp.float32),
+                           cfg.replace(routing_impl=impl))
+        got = np.zeros((N, E))
+        np.put_along_axis(got, np.asarray(ids), np.asarray(w), axis=-1)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=impl)
+
+
+# ----- DeepSeek-V2 token dropping (§2.2.4) -----------------------------------------------------
+
+def _affinity_keep_oracle(priority_NxK, ids_NxK, groups: int, devices: int, E: int, factor: float):
+    """Per expert group (consecutive token shards) and device: keep the ceil(n K factor) copies of
+    highest priority (ties: lower copy index) and every protected one (priority >= 2), never a
+    negative (padding) one."""
+    N, K = ids_NxK.shape
+    n = N // (groups * devices)  # tokens per source device
+    budget = int(np.ceil(n * K * factor))
+    keep = np.zeros((N, K), bool)
+    per_group = N // groups
+    for g in range(groups):
+        pri = priority_NxK[g * per_group:(g + 1) * per_group].reshape(-1)
+        dev = ids_NxK[g * per_group:(g + 1) * per_group].reshape(-1) // (E // devices)
+        k = np.zeros(pri.shape, bool)
+        for d in range(devices):
+            mine = np.flatnonzero(dev == d)
+            ranked = mine[np.lexsort((mine, -pri[mine]))]
+            k[ranked[:budget]] = True
+        keep[g * per_group:(g + 1) * per_group] = ((k | (pri >= 2.0)) & (pri >= 0)).reshape(-1, K)
+    return keep
+
+
+@pytest.mark.parametrize("mesh_name, groups, devices", [(None, 1, 1), ("8data", 8, 1), ("2data_4expert", 2, 4)])
+def test_affinity_dropping_drops_the_lowest_affinity_copies_on_each_device(mesh_name, groups, devices):
+    from deepseek_jax import expert_parallel
+
+    N, E, K, factor = 64, 16, 4, 0.6
+    x, ws, weights, ids = _random_routing(jax.random.key(21), N, E, K)
+    # A skew toward the first experts (device 0 overflows) and distinct affinities.
+    logits = jax.random.normal(jax.random.key(22), (N, E)) + 1.5 * (jnp.arange(E) < 6)
+    weights, ids = jax.lax.top_k(jax.nn.softmax(logits), K)
+    ids = ids.astype(jnp.int32)
+    priority = np.array(weights)
+    priority[8:16] += 2.0  # a protected row's tokens are kept first
+    priority[40:44] = -1.0  # padding tokens: dropped, not counted
+    if devices == 1 and groups == 1:
+        factor = 0.5  # one device holding every expert: only a factor < 1 drops
+    cfg = ModelConfig(hidden_size=16, n_routed_experts=E, num_experts_per_tok=K, moe_intermediate_size=8,
+                      moe_dispatch="capacity", capacity_policy="affinity", capacity_factor=factor)
+    keep = _affinity_keep_oracle(priority, np.asarray(ids), groups, devices, E, factor)
+    want_dropped = int((~keep & (priority >= 0)).sum())
+    assert want_dropped > 0 and keep[8:16].all()
+    fn = jax.jit(lambda x, ws, w, i, p: expert_parallel.routed_experts(x, *ws, w, i, cfg, priority_NxK=p))
+    mesh = sharding.make_mesh(MESHES[mesh_name]) if mesh_name else None
+    with jax.set_mesh(mesh) if mesh is not None else _null():
+        y, dropped = fn(x, ws, weights, ids, jnp.asarray(priority))
+    # Oracle: the dense reference with the dropped copies' gate weights set to zero.
+    y_ref, _ = moe.expert_ffn_dense(x, *ws, jnp.where(jnp.asarray(keep), weights, 0.0), ids)
+    assert int(dropped) == want_dropped
+    assert _rel(y, y_ref) <= RTOL
+
+
+def test_moe_layer_logs_the_oracle_drop_rate():
+    """The layer's priorities are its affinity scores (V2: softmax over all experts), rows 3
+    and 7 protected (fraction 0.25), padding never counted; drop rate = dropped / routed."""
+    from deepseek_jax import metrics as metrics_lib
+
+    cfg = ModelConfig(hidden_size=32, n_routed_experts=16, num_experts_per_tok=3, moe_intermediate_size=16,
+                      n_group=4, topk_group=2, routed_scaling_factor=16.0, moe_dispatch="capacity",
+                      capacity_policy="affinity", capacity_factor=0.7, capacity_protected_fraction=0.25)
+    x = jax.random.normal(jax.random.key(31), (B, T, cfg.hidden_size))
+    params = nn.meta.unbox(moe.MoE(cfg).init(jax.random.key(0), x)["params"])
+    valid = np.ones((B, T), bool)
+    valid[5, 2:] = False
+    mesh = sharding.make_mesh(MESHES["2data_4expert"])
+    with jax.set_mesh(mesh):
+        _, stats = jax.jit(moe.MoE(cfg).apply)({"params": params}, x, jnp.asarray(valid))
+    logits = np.asarray(x, np.float64).reshape(B * T, -1) @ np.asarray(params["router"], np.float64)
+    _, ids = moe.route(jnp.asarray(logits, jnp.float32), None, cfg)
+    ids = np.asarray(ids)
+    s = np.exp(logits - logits.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    priority = np.take_along_axis(s, ids, -1) + 2.0 * np.isin(np.arange(B * T) // T, [3, 7])[:, None]
+    priority = np.where(valid.reshape(-1, 1), priority, -1.0)
+    keep = _affinity_keep_oracle(priority, ids, 2, 4, cfg.n_routed_experts, cfg.capacity_factor)
+    want = int((~keep & (priority >= 0)).sum())
+    assert want > 0 and int(stats["dropped"]) == want
+    routed = valid.sum() * cfg.num_experts_per_tok
+    assert float(np.asarray(stats["counts"]).sum()) == routed
+    moe_stats = MoEStats(counts=stats["counts"][None], probs=None, router_z=None, tokens=None,
+                         dropped=stats["dropped"][None])
+    np.testing.assert_allclose(moe.load_stats(moe_stats)["drop_rate"], [want / routed], rtol=1e-6)
+    logged = metrics_lib.expert_load_stats(np.asarray(stats["counts"]).sum(0)[None], dropped=float(stats["dropped"]))
+    assert logged["moe/drop_rate"] == pytest.approx(want / routed, rel=1e-6)

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from deepseek_jax import losses
+from deepseek_jax.model import inference_model
 from deepseek_jax.data import synthetic
 from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import rewards as rewards_lib
@@ -103,7 +104,10 @@ class GRPO:
         self.cfg, self.g, self.parts, self.tokenizer = cfg, cfg.grpo, parts, tokenizer
         if self.g.estimator not in adv_lib.ESTIMATORS:
             raise ValueError(f"grpo.estimator={self.g.estimator!r}: use one of {adv_lib.ESTIMATORS}")
-        self.sampler = Sampler(parts.model, self.g.max_prompt_len, self.g.max_new_tokens,
+        # Rollouts and their log-probs never drop tokens (model.inference_model), whatever
+        # the training dispatch: a sample must not depend on the other rows of its batch.
+        self.inference_model = inference_model(parts.model)
+        self.sampler = Sampler(self.inference_model, self.g.max_prompt_len, self.g.max_new_tokens,
                                pad_id=tokenizer.pad_id)
         loss_cfg = losses.LossConfig.coerce(dict(cfg.get("loss_config", {})))
         self.beta, self.policy_temperature = loss_cfg.beta, loss_cfg.policy_temperature
@@ -120,8 +124,8 @@ class GRPO:
         return _MeshContext(self.parts.mesh, self.parts.rules)
 
     def _logprobs_impl(self, params, batch):
-        out = self.parts.model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                                     segment_ids=batch["segment_ids"])
+        out = self.inference_model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                                         segment_ids=batch["segment_ids"])
         return losses.token_logprobs(out.logits / self.policy_temperature, batch["targets"])[0]
 
     def logprobs(self, params, batch: dict) -> np.ndarray:
