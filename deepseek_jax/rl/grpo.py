@@ -62,6 +62,12 @@ def default_grpo_config() -> ml_collections.ConfigDict:
         eval_problems=200,
         eval_temperature=0.0,  # 0 = greedy
         sample_texts=4,  # completions written to TensorBoard per log step
+        # Your prompts and rewards (post_train.py): JSONL/Parquet files with a `prompt` or `messages`
+        # column plus any others (passed to the rewards); "" = the embedded tasks above.
+        prompts="",
+        eval_prompts="",
+        reward_spec="",  # "NAME=WEIGHT,..." (registry names, pkg.mod:fn, path/file.py:fn); "" = `rewards`
+        max_reward_failure_fraction=0.1,  # stop when more reward calls fail (raise / NaN) in a step
     ))
 
 
@@ -78,7 +84,9 @@ class Rollout:
 
 
 def encode_prompts(tokenizer, problems: Sequence[dict], max_prompt_len: int) -> list[list[int]]:
-    ids = [tokenizer.encode(p["prompt"], add_bos=True) for p in problems]
+    # "_input": a chat-templated prompt (post_train.load_prompts) that writes its own bos.
+    ids = [tokenizer.encode(p["_input"]) if p.get("_input") else tokenizer.encode(p["prompt"], add_bos=True)
+           for p in problems]
     longest = max(map(len, ids))
     if longest > max_prompt_len:
         raise ValueError(f"grpo.max_prompt_len={max_prompt_len} but a prompt has {longest} tokens; "
@@ -117,6 +125,10 @@ class GRPO:
                 f"{self.g.temperature}: the loss must score the distribution the rollouts were drawn "
                 "from; set both to the same value")
         self._logprobs = jax.jit(self._logprobs_impl)
+        spec = self.g.get("reward_spec", "")
+        named = (rewards_lib.parse_reward_spec(spec) if spec else
+                 [(n, w, rewards_lib.get_reward(n)) for n, w in self.g.rewards.to_dict().items()])
+        self.scorer = rewards_lib.Scorer(named, self.g.get("max_reward_failure_fraction", 0.1))
 
     # ----- pieces ------------------------------------------------------------------------------
 
@@ -149,9 +161,7 @@ class GRPO:
         rows = [p for p in problems for _ in range(G)]
         sample = jax.device_get(self.generate(params, rows, rng, temperature=self.g.temperature))
         texts = completion_texts(self.tokenizer, sample)
-        names = dict(self.g.rewards.to_dict())
-        scores = [rewards_lib.score(names, p["prompt"], text, **p) for p, text in zip(rows, texts)]
-        per_reward = {n: np.array([s[n] for s in scores], np.float32) for n in names}
+        per_reward, _ = self.scorer(rows, texts)  # failures score 0, are logged, and are limited
         total = np.sum(list(per_reward.values()), axis=0).astype(np.float32)
         rewards_PxG = total.reshape(len(problems), G)
         advantages = adv_lib.group_advantages(rewards_PxG, self.g.estimator).reshape(-1)
@@ -202,11 +212,17 @@ def rollout_metrics(ro: Rollout) -> dict:
            "informative_groups": float(ro.informative.mean())}
     for name, values in ro.per_reward.items():
         out[f"reward/{name}"] = float(values.mean())
+    if _is_user_row(ro.problems[0]):
+        return out  # accuracy and format rate are the embedded tasks' measures
     out["accuracy"] = float(np.mean([rewards_lib.accuracy(p["prompt"], c, **p)
                                      for p, c in zip(_rows(ro), ro.completions)]))
     out["format_rate"] = float(np.mean([rewards_lib.format_reward(p["prompt"], c, **p)
                                         for p, c in zip(_rows(ro), ro.completions)]))
     return out
+
+
+def _is_user_row(problem: dict) -> bool:
+    return "_where" in problem  # rows of grpo.prompts / grpo.eval_prompts files
 
 
 def _rows(ro: Rollout) -> list:
@@ -233,19 +249,30 @@ def evaluate(grpo: GRPO, params, problems: Sequence[dict], rng, *, batch_size: i
             hits, drafts = hits + d["hits"], drafts + d["drafts"]
         sample = jax.device_get(sample)
         texts = completion_texts(grpo.tokenizer, sample)[:real]
+        length += list(np.asarray(sample.lengths)[:real])
+        if _is_user_row(chunk[0]):  # user prompts: the configured rewards are the measure
+            per, _ = grpo.scorer(chunk[:real], texts)
+            acc += list(np.sum(list(per.values()), axis=0))
+            continue
         acc += [rewards_lib.accuracy(p["prompt"], t, **p) for p, t in zip(chunk, texts)]
         fmt += [rewards_lib.format_reward(p["prompt"], t, **p) for p, t in zip(chunk, texts)]
-        length += list(np.asarray(sample.lengths)[:real])
-    out = {"accuracy": float(np.mean(acc)), "format_rate": float(np.mean(fmt)),
-           "completion_length": float(np.mean(length)), "problems": len(problems)}
+    measure = "reward_mean" if fmt == [] and problems and _is_user_row(problems[0]) else "accuracy"
+    out = {measure: float(np.mean(acc)), "completion_length": float(np.mean(length)), "problems": len(problems)}
+    if measure == "accuracy":
+        out["format_rate"] = float(np.mean(fmt))
     if with_mtp:
         out["mtp_acceptance"] = hits / max(drafts, 1)
     return out
 
 
 def training_problems(cfg: ml_collections.ConfigDict, step: int) -> list[dict]:
-    """The prompts of GRPO step `step`: a pure function of (seed, step), from the train split."""
+    """The prompts of GRPO step `step`: a pure function of (seed, step), from the train split
+    (or from the rows of `grpo.prompts`)."""
     g = cfg.grpo
+    if g.get("prompts"):
+        from deepseek_jax import post_train
+
+        return post_train.prompts_for_step(cfg, step)
     P = g.prompts_per_step
     options = _task_options(g)
     return [synthetic.make_problem(step * P + i, split="train", seed=f"grpo/{cfg.seed}", **options)
@@ -253,6 +280,14 @@ def training_problems(cfg: ml_collections.ConfigDict, step: int) -> list[dict]:
 
 
 def heldout_problems(cfg: ml_collections.ConfigDict, n: Optional[int] = None) -> list[dict]:
+    """The held-out set: `grpo.eval_prompts`' rows, none when only `grpo.prompts` is set, else
+    the embedded tasks' held-out split."""
+    if cfg.grpo.get("eval_prompts"):
+        from deepseek_jax import post_train
+
+        return post_train.load_prompts(cfg, cfg.grpo.eval_prompts)[:n]
+    if cfg.grpo.get("prompts"):
+        return []
     return synthetic.make_problems("heldout", n or cfg.grpo.eval_problems, seed=cfg.seed,
                                    **_task_options(cfg.grpo))
 
@@ -286,6 +321,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, init_from: Optional[str] =
     Resumes from `workdir`'s newest checkpoint (state and reference params) if there is
     one. Returns the last logged record plus the final held-out evaluation.
     """
+    from deepseek_jax import post_train
+
+    cfg = post_train.resolve_init_from(cfg)  # an HF / convert / workdir init_from gives the model
     import os
 
     from deepseek_jax import trainer, warm_start
@@ -307,7 +345,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, init_from: Optional[str] =
     else:
         if init_from is None:
             raise ValueError("GRPO starts from a trained policy: pass init_from=WORKDIR of the SFT run")
-        state = warm_start.state_from_params(parts, warm_start.load_params(init_from, mesh))
+        params = post_train.fit_params(warm_start.load_params(init_from, mesh), parts.abstract_state.params)
+        state = warm_start.state_from_params(parts, params)
         ref_params = jax.tree.map(jnp.copy, state.params)  # the step donates the state's buffers
     writer = MetricsWriter(workdir, resume_step=restored.step if restored is not None else None)
     step = int(jax.device_get(state.step))
@@ -321,7 +360,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, init_from: Optional[str] =
             step += 1
             if grpo.g.ref_reset_every and step % grpo.g.ref_reset_every == 0:
                 ref_params = jax.tree.map(jnp.copy, state.params)  # the state's buffers are donated
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
+            if heldout and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
                 record.update({f"eval/{k}": v for k, v in evaluate(grpo, state.params, heldout, eval_rng).items()})
             if step % cfg.log_every == 0 or step == cfg.total_steps:
                 last = writer.write(step, record)
@@ -332,11 +371,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, init_from: Optional[str] =
                          record["rollout_s"], record["train_s"])
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 ckpt.save(step, {"state": state, "ref_params": ref_params}, config=cfg)
-        final = evaluate(grpo, state.params, heldout, eval_rng)
-        writer.write(step, {f"eval/{k}": v for k, v in final.items()})
+        final = evaluate(grpo, state.params, heldout, eval_rng) if heldout else {}
+        if final:
+            writer.write(step, {f"eval/{k}": v for k, v in final.items()})
         ckpt.save(step, {"state": state, "ref_params": ref_params}, config=cfg, force=True)
         ckpt.wait()
     finally:
         ckpt.close()
         writer.close()
-    return {**last, "step": step, "heldout": final}
+    if cfg.get("export_hf"):
+        post_train.export_hf(cfg, parts.model, state.params, cfg.export_hf)
+    return {**last, "step": step, "heldout": final, "reward_failures": grpo.scorer.failures}
