@@ -234,6 +234,11 @@ class TrainStep:
         """jax `Lowered` of this step (for cost analysis / HLO inspection)."""
         return self._core.lower(self.loss_fn, self.loss_name, self.loss_cfg, state, batch)
 
+    def lower_abstract(self, state: TrainState, batch: dict, platforms: Optional[tuple] = None):
+        """jax `Lowered` from abstract inputs (ShapeDtypeStructs, e.g. `abstract_train_state`),
+        for `platforms` (e.g. ("cuda",) on a CPU host); nothing is allocated or compiled."""
+        return self._core.lower_abstract(self.loss_fn, self.loss_name, self.loss_cfg, state, batch, platforms)
+
 
 class _StepCore:
     """The one jit shared by every `TrainStep.with_loss` variant."""
@@ -268,6 +273,13 @@ class _StepCore:
     def lower(self, loss_fn, loss_name, loss_cfg, state, batch):
         with self._context():
             return self._jit.lower(loss_fn, loss_name, loss_cfg, state, _place_batch(batch, self.mesh))
+
+    def lower_abstract(self, loss_fn, loss_name, loss_cfg, state, batch, platforms):
+        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=sharding_lib.batch_sharding(self.mesh, len(x.shape))), batch)
+        with self._context():
+            traced = self._jit.trace(loss_fn, loss_name, loss_cfg, state, batch)
+            return traced.lower(lowering_platforms=platforms) if platforms else traced.lower()
 
     # -- traced code --
 
