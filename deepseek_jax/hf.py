@@ -418,8 +418,16 @@ def _to_hf(entry: Entry, value: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
             yield entry.hf.format(i), value[i].T
 
 
-def save_pretrained(model: Transformer, params, path: str, max_shard_bytes: int = 2 << 30) -> None:
-    """Write `config.json` + sharded `*.safetensors` + index in the published layout (float32)."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_pretrained(model: Transformer, params, path: str, max_shard_bytes: int = 2 << 30,
+                    dtype=np.float32) -> None:
+    """Write `config.json` + sharded `*.safetensors` + index in the published layout, in
+    `dtype` (float32 or bfloat16; the router and its bias stay float32)."""
     from safetensors.numpy import save_file
 
     c = model.config
@@ -428,7 +436,8 @@ def save_pretrained(model: Transformer, params, path: str, max_shard_bytes: int 
         json.dump(config_to_hf(c), f, indent=2)
     tensors: dict[str, np.ndarray] = {}
     for entry in key_map(c):
-        value = np.asarray(jax.device_get(_tree_get(params, entry.path)), np.float32)
+        value = np.asarray(jax.device_get(_tree_get(params, entry.path)),
+                           np.float32 if _is_f32_leaf(entry.path) else jnp.dtype(dtype))
         for key, w in _to_hf(entry, value):
             tensors[key] = np.ascontiguousarray(w)
     for k in range(c.num_mtp_layers):  # V3 layout: each MTP layer carries the shared embedding/head
@@ -447,6 +456,7 @@ def save_pretrained(model: Transformer, params, path: str, max_shard_bytes: int 
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        os.chmod(os.path.join(path, name), 0o666 & ~_umask())  # safetensors writes 0600
         weight_map.update({k: name for k in shard})
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(w.nbytes for w in tensors.values())}, "weight_map": weight_map},

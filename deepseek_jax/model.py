@@ -82,15 +82,21 @@ class MTPModule(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h_prev_BxTxD, emb_next_BxTxD, cos, sin, mask, valid_BxT):
+    def __call__(self, h_prev_BxTxD, emb_next_BxTxD, cos, sin, mask, valid_BxT, cache=None, index=None,
+                 absorbed=True):
+        """(h, final_norm(h), MoE stats), plus the block's updated layer cache when `cache` is
+        given (speculative decoding drafts with MTP through its own KV cache, rl/speculative.py)."""
         c = self.config
         D = c.hidden_size
         e = RMSNorm(c.rms_norm_eps, name="enorm")(emb_next_BxTxD)
         h = RMSNorm(c.rms_norm_eps, name="hnorm")(h_prev_BxTxD)
         h = Dense((2 * D,), (D,), ("mlp", "embed"), jnp.dtype(c.dtype), name="eh_proj")(
             jnp.concatenate([e, h], axis=-1))
-        h, stats = _block_cls(c)(c, c.is_moe, name="block")(h, cos, sin, mask, valid_BxT)
-        return h, RMSNorm(c.rms_norm_eps, name="final_norm")(h), stats
+        if cache is None:
+            h, stats = _block_cls(c)(c, c.is_moe, name="block")(h, cos, sin, mask, valid_BxT)
+            return h, RMSNorm(c.rms_norm_eps, name="final_norm")(h), stats
+        h, stats, cache = Block(c, c.is_moe, name="block")(h, cos, sin, mask, valid_BxT, cache, index, absorbed)
+        return h, RMSNorm(c.rms_norm_eps, name="final_norm")(h), stats, cache
 
 
 def _stack_stats(stats: list) -> Optional[MoEStats]:
