@@ -35,6 +35,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from deepseek_jax.cli import SaveFailed
+
 log = logging.getLogger(__name__)
 
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -131,11 +133,42 @@ class Checkpointer:
             items[DATA] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(_config_json(config))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            # Also raises the error of the previous (asynchronous) save, if it failed.
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 - a file-system error becomes SaveFailed
+            raise self._save_failed(e) from e
 
     def wait(self) -> None:
         """Blocks until pending async saves are committed."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(e) from e
+
+    def latest_good(self) -> Optional[str]:
+        """The newest committed step directory on disk (what a rerun resumes from), or None."""
+        steps = [int(d) for d in os.listdir(self.directory) if d.isdigit()
+                 and os.path.exists(os.path.join(self.directory, d, "_CHECKPOINT_METADATA"))] \
+            if os.path.isdir(self.directory) else []
+        return self.step_dir(max(steps)) if steps else None
+
+    def _save_failed(self, e: Exception) -> Exception:
+        """SaveFailed naming the cause and the last good checkpoint when `e` is (or wraps) a
+        file-system error; other errors are handed back unchanged."""
+        cause, seen = e, set()
+        while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        text = str(e)
+        if not isinstance(cause, OSError) and "Errno" not in text and "No space left" not in text:
+            return e
+        reason = (f"[Errno {cause.errno}] {cause.strerror}" if isinstance(cause, OSError) and cause.strerror
+                  else text.strip().splitlines()[0][:200])
+        good = self.latest_good()
+        return SaveFailed(f"saving a checkpoint in {self.directory} failed: {reason}. Last good checkpoint: "
+                          f"{good or 'none (no step was saved)'}. Free space (or fix the file system) and "
+                          f"rerun the same command: it resumes from {'there' if good else 'step 0'}.")
 
     def close(self) -> None:
         self.manager.close()

@@ -2,6 +2,11 @@
 
     python -m deepseek_jax.convert --from_hf path/to/DeepSeek-V3 --to ckpt/v3 [--dtype bfloat16]
     python -m deepseek_jax.convert --from_orbax ckpt/v3 --to_hf out/DeepSeek-V3
+    python -m deepseek_jax.convert --from_workdir runs/demo/grpo --to_hf out/grpo [--dtype bfloat16] [--step N]
+
+`--from_workdir` exports any run (a trainer or GRPO workdir, newest complete checkpoint or
+`--step`) with its tokenizer, control-token ids and generation_config.json (export.py), so
+transformers' `generate` stops where ours does. The source directory is only read.
 
 Orbax layout written here (and read by `load_orbax`, which generate/train reuse):
     OUT/params/             the parameter pytree (orbax StandardCheckpointer)
@@ -106,9 +111,9 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype=jnp.float32) -> dict:
     return model.config.to_dict()
 
 
-def convert_orbax_to_hf(ckpt_dir: str, out_dir: str) -> dict:
+def convert_orbax_to_hf(ckpt_dir: str, out_dir: str, dtype=jnp.float32) -> dict:
     model, params = load_orbax(ckpt_dir)
-    hf.save_pretrained(model, params, out_dir)
+    hf.save_pretrained(model, params, out_dir, dtype=dtype)
     return model.config.to_dict()
 
 
@@ -119,21 +124,39 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--to", help="output Orbax directory (with --from_hf)")
     parser.add_argument("--from_orbax", help="Orbax directory written by --from_hf ... --to")
     parser.add_argument("--to_hf", help="output Hugging Face directory (with --from_orbax)")
+    parser.add_argument("--from_workdir", help="training or GRPO workdir to export (with --to_hf)")
+    parser.add_argument("--step", type=int, help="--from_workdir: checkpoint step (default: newest complete)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="parameter dtype stored in Orbax (the router stays float32)")
+                        help="parameter dtype written (the router stays float32)")
     args = parser.parse_args(argv)
-    if args.from_hf and args.to and not (args.from_orbax or args.to_hf):
+    if args.from_workdir and args.to_hf and not (args.from_hf or args.to or args.from_orbax):
+        from deepseek_jax import export
+
+        export.export_hf(args.from_workdir, args.to_hf, dtype=args.dtype, step=args.step)
+        print(f"wrote {args.to_hf} (config.json, generation_config.json, tokenizer.json, *.safetensors)")
+    elif args.from_hf and args.to and not (args.from_orbax or args.to_hf):
         convert_hf_to_orbax(args.from_hf, args.to, jnp.dtype(args.dtype))
         print(f"wrote {os.path.join(args.to, PARAMS_DIR)} and {os.path.join(args.to, CONFIG_FILE)}")
     elif args.from_orbax and args.to_hf and not (args.from_hf or args.to):
-        convert_orbax_to_hf(args.from_orbax, args.to_hf)
+        convert_orbax_to_hf(args.from_orbax, args.to_hf, jnp.dtype(args.dtype))
         print(f"wrote {args.to_hf} (config.json + *.safetensors)")
     else:
-        parser.error("use either --from_hf HF_DIR --to OUT, or --from_orbax DIR --to_hf OUT")
+        parser.error("use --from_hf HF_DIR --to OUT, --from_orbax DIR --to_hf OUT, "
+                     "or --from_workdir DIR --to_hf OUT")
 
 
 if __name__ == "__main__":
+    import traceback
+
+    from absl import logging as absl_logging
+
+    from deepseek_jax import cli
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's INFO lines
     try:
         main(sys.argv[1:])
-    except (FileNotFoundError, FileExistsError, hf.CheckpointError) as e:
-        sys.exit(f"convert: {e}")
+    except cli._usage_errors() as e:
+        if os.environ.get(cli.TRACEBACK_ENV):
+            traceback.print_exc()
+        print(f"deepseek_jax.convert: error: {cli._message(e)}", file=sys.stderr)
+        cli.exit_now(cli.EXIT_USAGE)

@@ -55,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         kind="synthetic",  # "synthetic" (embedded tasks) | a source spec for data.sources
         path="", eval_path="", tokenizer="byte", seq_len=256, batch_size=8, overlong="truncate",
+        on_error="skip",  # a malformed row in data.path: "skip" (counted, logged) | "raise"
         num_problems=20_000, mixture=ml_collections.ConfigDict(),
         # Conversations (data/chat.py): "auto" = the tokenizer's tokenizer_config.json chat_template,
         # "none" = concatenate the messages.

@@ -32,7 +32,7 @@ class OptimizerConfig:
     name: str = "adamw"
     learning_rate: float = 3e-4  # peak
     schedule: str = "cosine"  # one of SCHEDULES
-    warmup_steps: int = 0  # linear from 0 to the peak
+    warmup_steps: int = 0  # linear to the peak: peak * (step + 1) / warmup_steps
     total_steps: int = 10_000
     min_lr_ratio: float = 0.1  # final lr / peak for cosine and wsd
     weight_decay: float = 0.1
@@ -89,7 +89,7 @@ def _coerce(cfg) -> OptimizerConfig:
 
 
 def make_schedule(cfg) -> optax.Schedule:
-    """step -> learning rate: linear warmup from 0, then the configured shape."""
+    """step -> learning rate: linear warmup (peak * (step + 1) / W), then the configured shape."""
     cfg = _coerce(cfg)
     peak, W, S, m = cfg.learning_rate, cfg.warmup_steps, cfg.total_steps, cfg.min_lr_ratio
 
@@ -112,7 +112,9 @@ def make_schedule(cfg) -> optax.Schedule:
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warm = peak * step / W if W else jnp.full_like(step, peak)
+        # The first update (step 0) already moves: peak / W, reaching the peak at step W - 1
+        # (from 0 it would spend the first update at lr 0).
+        warm = peak * (step + 1) / W if W else jnp.full_like(step, peak)
         return jnp.where(step < W, warm, after_warmup(step))
 
     return schedule

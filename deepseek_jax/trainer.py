@@ -43,9 +43,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from deepseek_jax import distributed, experiment, post_train, losses, optim, sharding, warm_start
+from deepseek_jax import distributed, experiment, post_train, loading, losses, optim, sharding, warm_start
 from deepseek_jax import train_step as ts
 from deepseek_jax.checkpoint import Checkpointer
+from deepseek_jax.cli import PeerLost, SaveFailed
 from deepseek_jax.config import ConfigError
 from deepseek_jax.data import pipeline as data_pipeline
 from deepseek_jax.data import sources
@@ -193,6 +194,8 @@ def make_data_source(cfg: ml_collections.ConfigDict, split: str = "train"):
     if cfg.loss in ("sft", "dpo") and d.kind in ("jsonl", "parquet"):
         return post_train.user_source(cfg, path)  # {"messages"} | {"prompt", "response"} | DPO pairs
     spec = {"kind": d.kind, "paths": path}
+    if d.kind != "text":  # plain text has no malformed rows
+        spec["on_error"] = d.get("on_error", "skip")
     if cfg.loss == "sft" and d.kind != "text":
         spec["fields"] = ("prompt", "response")
     return sources.make_source(spec)
@@ -290,6 +293,7 @@ class _StopOnSignal:
 
 
 def _progress_bar(cfg, start: int):
+    """tqdm on a terminal; None (plain log lines instead, `_log_line`) under nohup, SLURM, CI."""
     if not (cfg.progress and jax.process_index() == 0 and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
@@ -297,21 +301,86 @@ def _progress_bar(cfg, start: int):
     return tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True)
 
 
+def _log_line(step: int, total: int, record: dict, seconds_per_step: Optional[float]) -> None:
+    """One plain progress line: step, loss, lr, tokens/s, ETA."""
+    parts = [f"step {step}/{total}"]
+    for key, name, fmt in (("loss", "loss", ".4f"), ("learning_rate", "lr", ".3g"),
+                           ("tokens_per_s", "tokens/s", ",.0f"), ("eval/loss", "eval_loss", ".4f")):
+        if key in record:
+            parts.append(f"{name} {record[key]:{fmt}}")
+    if seconds_per_step:
+        eta = int(seconds_per_step * (total - step))
+        parts.append(f"ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+    log.info("  ".join(parts))
+
+
+_PEER_ERRORS = ("gloo", "connection reset", "connection refused", "heartbeat", "unavailable", "socket closed",
+                "broken pipe", "peer")
+
+
+def _peer_lost(e: Exception) -> bool:
+    return jax.process_count() > 1 and any(p in str(e).lower() for p in _PEER_ERRORS)
+
+
 # ----- the loop --------------------------------------------------------------------------------
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint.
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Every stage from one entry (`python -m deepseek_jax.train`, experiments/r1_pipeline.py):
+    `loss=grpo` runs the GRPO loop (rl/grpo.py) from `init_from`, anything else `train`."""
+    if cfg.loss == "grpo":
+        from deepseek_jax.rl import grpo
 
-    Returns {"step": last step, "preempted": bool, **last logged metrics}.
+        return grpo.run(cfg, workdir, init_from=cfg.get("init_from") or None)
+    return train(cfg, workdir)
+
+
+def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses (ConfigError, nothing written) to resume checkpoints of a different model.
+
+    Other changed keys (total_steps, the learning rate, ...) are allowed and logged at
+    resume time; a changed `model.*` (or a switch to or from GRPO, whose checkpoints hold
+    a reference policy too) cannot load the saved state.
     """
-    # --- devices and config ---
-    log.info("deepseek_jax.train: %s", distributed.describe())
-    cfg = post_train.resolve_init_from(cfg)  # init_from's model config and tokenizer
-    sizes = validate_config(cfg)
+    if not loading.complete_steps(workdir) or not os.path.isfile(os.path.join(workdir, "config.json")):
+        return
+    try:
+        saved = json.loads(open(os.path.join(workdir, "config.json")).read())
+    except (OSError, ValueError):
+        return  # unreadable: the restore itself will say what is wrong
+    old, new = _flat(saved), _flat(json.loads(cfg.to_json_best_effort()))
+    keys = sorted(k for k in old.keys() | new.keys() if k.startswith("model.") and old.get(k) != new.get(k))
+    if (old.get("loss") == "grpo") != (cfg.loss == "grpo"):
+        keys.append("loss")
+    if keys:
+        diffs = "; ".join(f"{k}: {_show(old.get(k))} -> {_show(new.get(k))}" for k in keys)
+        raise ConfigError(f"refusing to resume {workdir}: its checkpoints are of another model ({diffs}). "
+                          "Drop those overrides to resume, or pass a new --workdir (nothing was changed).")
+
+
+def _show(v) -> str:
+    return "(unset)" if v is None else json.dumps(v)
+
+
+def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """WORKDIR/config.json (process 0), once the run has started: readers rebuild the model from it."""
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains `cfg` in `workdir`, resuming from its newest readable checkpoint.
+
+    Nothing is written to `workdir` until the config, the workdir's checkpoints, the data
+    and the initial state have all been checked and built (a refused or failed start leaves
+    no trace). Returns {"step": last step, "preempted": bool, **last logged metrics}.
+    """
+    # --- devices, config and workdir (read-only checks) ---
+    log.info("deepseek_jax.train: %s", distributed.describe())
+    cfg = post_train.resolve_init_from(cfg)  # init_from's model config and tokenizer
+    sizes = validate_config(cfg)
+    check_workdir(cfg, workdir)
 
     # --- mesh, model, state shardings and the compiled step ---
     mesh = build_mesh(cfg)
@@ -325,7 +394,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         log.warning("eval_every=%d but data.kind=%r has no held-out data (set data.eval_path); "
                     "evaluation is off", cfg.eval_every, cfg.data.kind)
     data_iter = iter(train_pipe.dataset)
-    log.info("data: %s", json.dumps(train_pipe.stats.as_dict()))
+    log.info("data: %s", describe_data(cfg, train_pipe))
     for s in train_pipe.stats.sources:
         for example in s.examples:
             log.warning("data %s: %s", s.name, example)
@@ -333,8 +402,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     # From here on SIGTERM means: save a checkpoint at the step reached and exit 0.
     with _StopOnSignal() as stop:
         # --- checkpoint: restore or initialise ---
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
-        restored = ckpt.restore(parts.abstract_state, data_iterator=data_iter)
+        restored = None
+        if loading.complete_steps(workdir) or os.path.isdir(os.path.join(workdir, "checkpoints")):
+            ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+            restored = ckpt.restore(parts.abstract_state, data_iterator=data_iter)
         if restored is not None:
             state = restored.state
             log.info("resumed from %s", ckpt.step_dir(restored.step))
@@ -349,6 +420,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 log.info("initialised a new model (seed %d)", cfg.seed)
         if cfg.loss == "dpo":  # every batch gets the reference policy's log-probs
             parts = post_train.with_dpo_reference(cfg, parts, state, resumed=restored is not None)
+        # The start succeeded: from here on the workdir is written.
+        write_config(cfg, workdir)
+        if restored is None:
+            ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
         writer = MetricsWriter(workdir, resume_step=int(restored.step) if restored is not None else None)
         if restored is None and jax.process_index() == 0:
             row = next(iter(train_pipe.dataset))  # a look at the data, without moving data_iter
@@ -356,19 +431,40 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.write_text(0, "data/sample", text)
 
         # --- update steps, evals, logs and checkpoints ---
+        failed = None
         try:
             state, step, last, preempted = _loop(cfg, parts, state, data_iter, train_pipe, eval_pipe,
                                                  ckpt, writer, stop)
             # --- final checkpoint (also the preemption one) ---
             ckpt.save(step, state, data_iterator=data_iter, config=cfg, force=True)
             ckpt.wait()
+        except (SaveFailed, PeerLost) as e:
+            failed = e
+            raise
         finally:
-            ckpt.close()
             writer.close()
+            # After a failed save or a lost peer, closing would wait on the broken save or on
+            # the missing process: the caller exits instead (cli.py).
+            if failed is None:
+                ckpt.close()
     log.info("%s at step %d; checkpoints in %s", "stopped" if preempted else "finished", step, ckpt.directory)
     if cfg.get("export_hf") and not preempted:
         post_train.export_hf(cfg, parts.model, state.params, cfg.export_hf)
     return {**last, "step": step, "preempted": preempted}
+
+
+def describe_data(cfg: ml_collections.ConfigDict, pipe) -> str:
+    """The start-up line about the input: what is read and how much of it (the pipeline's
+    running counters are all zero before the first batch, so they are not shown here)."""
+    d = cfg.data
+    if d.kind == "synthetic":
+        what = f"synthetic, {d.num_problems} problems ({d.task.get('task', 'mixed')})"
+    else:
+        kept = sum(s.rows_kept for s in pipe.stats.sources)
+        skipped = sum(s.malformed_skipped + s.empty_skipped for s in pipe.stats.sources)
+        what = f"{d.kind} {d.path or ''}".rstrip() + f", {kept} records" + (f" ({skipped} skipped)" if skipped else "")
+    return (f"{what}; tokenizer {d.tokenizer} ({pipe.tokenizer.vocab_size} ids); "
+            f"batches of {d.batch_size} x {d.seq_len} tokens")
 
 
 def _flat(d, prefix=""):
@@ -411,7 +507,7 @@ def _loop(cfg, parts, state, data_iter, train_pipe, eval_pipe, ckpt, writer, sto
     step = int(jax.device_get(state.step))
     last, preempted = {}, False
     bar = _progress_bar(cfg, step)
-    window_start, window_steps = None, 0
+    window_start, window_steps, seconds_per_step = None, 0, None
     try:
         while step < cfg.total_steps:
             # Checked before each step (the first too: the signal may come while compiling).
@@ -421,22 +517,34 @@ def _loop(cfg, parts, state, data_iter, train_pipe, eval_pipe, ckpt, writer, sto
                 preempted = True
                 break
             batch = global_batch(next(data_iter), parts.mesh)
-            if window_start is None and jax.process_count() > 1:
-                # Compile before the first collective and meet the other processes here.
-                parts.train_step.lower(state, batch).compile()
-                distributed.barrier("train_step_compiled")
-            state, metrics = parts.train_step(state, batch)
+            try:
+                if window_start is None and jax.process_count() > 1:
+                    # Compile before the first collective and meet the other processes here.
+                    parts.train_step.lower(state, batch).compile()
+                    distributed.barrier("train_step_compiled")
+                state, metrics = parts.train_step(state, batch)
+                if window_start is None or step + 1 == cfg.total_steps or (step + 1) % cfg.log_every == 0:
+                    jax.block_until_ready(metrics)
+            except Exception as e:  # noqa: BLE001 - only a lost peer is turned into PeerLost
+                if not _peer_lost(e):
+                    raise
+                good = ckpt.latest_good()
+                raise PeerLost(
+                    f"lost contact with another process during step {step + 1} "
+                    f"({str(e).strip().splitlines()[0][:200]}). Last good checkpoint: "
+                    f"{good or 'none'}. Restart every process with the same command to resume.") from e
             step += 1
             window_steps += 1
             if window_start is None:  # the first step includes compilation: time from its end
-                jax.block_until_ready(metrics)
                 window_start, window_steps = time.perf_counter(), 0
 
             record = {}
             if step % cfg.log_every == 0 or step == cfg.total_steps:
                 record = step_metrics(metrics)
                 now = time.perf_counter()
+                seconds_per_step = None
                 if window_steps:
+                    seconds_per_step = (now - window_start) / window_steps
                     record["tokens_per_s"] = tokens_per_step * window_steps / (now - window_start)
                     record["mfu"] = record["tokens_per_s"] * flops_per_token / peak
                 window_start, window_steps = now, 0
@@ -450,6 +558,8 @@ def _loop(cfg, parts, state, data_iter, train_pipe, eval_pipe, ckpt, writer, sto
                 last = writer.write(step, record)
                 if bar is not None and "loss" in record:
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
+                elif bar is None and jax.process_index() == 0 and "loss" in record:
+                    _log_line(step, cfg.total_steps, record, seconds_per_step)
             if bar is not None:
                 bar.update(1)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:

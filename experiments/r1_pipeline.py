@@ -58,7 +58,7 @@ def train_stage(cfg, workdir: str, init_from: str = "") -> None:
         log.info("%s: done already", workdir)
         return
     cfg.init_from = init_from
-    trainer.train(cfg, workdir)
+    trainer.run(cfg, workdir)  # the entry of `python -m deepseek_jax.train` (loss=grpo: the GRPO loop)
 
 
 def evaluator(cfg, grpo_cfg):
@@ -152,8 +152,10 @@ def main() -> None:
 
     t = time.time()
     grpo_cfg = stage_config(args.config, "grpo", args.set)
-    grpo_result = grpo_lib.run(grpo_cfg, wd["grpo"], init_from=wd["sft"]) \
-        if not finished(wd["grpo"], grpo_cfg.total_steps) else None
+    grpo_result = None
+    if not finished(wd["grpo"], grpo_cfg.total_steps):
+        grpo_cfg.init_from = wd["sft"]
+        grpo_result = trainer.run(grpo_cfg, wd["grpo"])
     times["grpo_s"] = time.time() - t
 
     t = time.time()

@@ -331,23 +331,35 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, init_from: Optional[str] =
     from deepseek_jax.data.tokenizer import get_tokenizer
     from deepseek_jax.metrics import MetricsWriter
 
+    from deepseek_jax import loading
+    from deepseek_jax.config import ConfigError
+
+    if "grpo" not in cfg:
+        raise ConfigError("loss='grpo' needs the grpo.* settings: use a GRPO config such as "
+                          "configs/r1_tiny.py:grpo (or add rl.grpo.default_grpo_config() as cfg.grpo)")
+    # Read-only checks first: a refused start writes nothing (trainer.train does the same).
+    trainer.check_workdir(cfg, workdir)
+    resuming = bool(loading.complete_steps(workdir))
+    if not resuming and not init_from:
+        raise ConfigError("init_from='': GRPO starts from a trained policy; pass "
+                          "--config.init_from=WORKDIR of the SFT run (or a HF / convert directory)")
     mesh = trainer.build_mesh(cfg)
     parts = trainer.build_state_and_step(cfg, mesh, loss_name="grpo")
     grpo = GRPO(cfg, parts, get_tokenizer(cfg.data.tokenizer))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+    restored = None
     abstract = {"state": parts.abstract_state, "ref_params": parts.abstract_state.params}
-    restored = ckpt.restore(abstract)
+    if resuming:
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+        restored = ckpt.restore(abstract)
     if restored is not None:
         state, ref_params = restored.state["state"], restored.state["ref_params"]
     else:
-        if init_from is None:
-            raise ValueError("GRPO starts from a trained policy: pass init_from=WORKDIR of the SFT run")
         params = post_train.fit_params(warm_start.load_params(init_from, mesh), parts.abstract_state.params)
         state = warm_start.state_from_params(parts, params)
         ref_params = jax.tree.map(jnp.copy, state.params)  # the step donates the state's buffers
+    trainer.write_config(cfg, workdir)
+    if restored is None:
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
     writer = MetricsWriter(workdir, resume_step=restored.step if restored is not None else None)
     step = int(jax.device_get(state.step))
     heldout = heldout_problems(cfg)

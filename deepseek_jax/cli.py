@@ -1,0 +1,123 @@
+"""What every command line shares: clean refusals, quiet libraries, documented exit codes.
+
+    cli.run(main, "deepseek_jax.train", __doc__)      # instead of absl's app.run(main)
+
+* `--help` prints the module's docstring, its flags and where the config keys are listed,
+  and exits 0 (absl's own `--help` exits 1).
+* A refusal (a bad config value, an unknown key, a path that is not what it should be)
+  prints ONE line `PROG: error: ...` and exits 2. The traceback is printed only with
+  `--verbosity=1` (or higher) or DEEPSEEK_JAX_TRACEBACK=1.
+* Library INFO logs (absl, Orbax) are off unless `--verbosity` is given; our own progress
+  (the `deepseek_jax` loggers) stays at INFO.
+* Exit codes: 0 done (also: stopped by SIGTERM after saving), 1 an unexpected error (with
+  its traceback), 2 a refused command line or config, 3 a checkpoint save failed (e.g.
+  disk full; the last good checkpoint is named, rerun to resume from it), 4 a peer
+  process was lost (multi-host; rerun every process to resume).
+* Errors end the process with `os._exit` once the message is out: Orbax's background
+  threads otherwise print thousands of "Event loop is closed" lines at interpreter exit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+EXIT_USAGE, EXIT_CHECKPOINT, EXIT_PEER = 2, 3, 4
+TRACEBACK_ENV = "DEEPSEEK_JAX_TRACEBACK"
+CONFIG_KEYS_HINT = ("Config keys: every key of deepseek_jax/experiment.py:default_config() (README "
+                    "'Configuration'), set as --config.KEY=VALUE, e.g. --config.total_steps=50 "
+                    "--config.data.batch_size=8.")
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written; the message names the last good one."""
+
+
+class PeerLost(RuntimeError):
+    """Another process of a multi-host run went away."""
+
+
+def _usage_errors() -> tuple:
+    from deepseek_jax.config import ConfigError
+    from deepseek_jax.hf import CheckpointError
+    from deepseek_jax.loading import LoadError
+
+    return (ConfigError, LoadError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            ValueError, KeyError, app.UsageError, flags.Error)
+
+
+def _want_traceback(argv) -> bool:
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        return True
+    for a in argv:
+        if a.startswith(("--verbosity=", "-v=")):
+            try:
+                return int(a.split("=", 1)[1]) >= 1
+            except ValueError:
+                return False
+    return False
+
+
+def _message(e: BaseException) -> str:
+    # KeyError's str() is the repr of its message; config_flags puts "Did you mean" in one.
+    text = str(e.args[0]).strip("'\"") if isinstance(e, KeyError) and e.args else str(e)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " ".join(lines)[:2000] or type(e).__name__
+
+
+def exit_now(code: int) -> None:
+    """Flushes and leaves without interpreter teardown (see the module docstring)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def fail(prog: str, e: BaseException, code: int, argv) -> None:
+    if _want_traceback(argv):
+        traceback.print_exception(e)
+    else:
+        hint = f"  (traceback: --verbosity=1 or {TRACEBACK_ENV}=1)" if code == EXIT_USAGE else ""
+        print(f"{prog}: error: {_message(e)}{hint}", file=sys.stderr)
+    exit_now(code)
+
+
+def quiet_logs() -> None:
+    """Our progress at INFO, libraries that log through absl (Orbax) at WARNING."""
+    if not flags.FLAGS.is_parsed() or not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("deepseek_jax").setLevel(logging.INFO)
+
+
+def run(main, prog: str, doc: str) -> None:
+    """absl's app.run(main) with the behaviour of the module docstring."""
+    def parse(argv):
+        if any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+            print(doc.strip() + "\n")
+            print(flags.FLAGS.main_module_help())
+            print("\n" + CONFIG_KEYS_HINT)
+            sys.exit(0)
+        try:
+            return flags.FLAGS(argv)
+        except Exception as e:  # noqa: BLE001 - config_flags raises KeyError/ValueError/IOError too
+            fail(prog, e, EXIT_USAGE, argv)
+
+    def guarded(argv):
+        quiet_logs()
+        try:
+            main(argv)
+        except SaveFailed as e:
+            fail(prog, e, EXIT_CHECKPOINT, sys.argv)
+        except PeerLost as e:
+            fail(prog, e, EXIT_PEER, sys.argv)
+        except _usage_errors() as e:
+            fail(prog, e, EXIT_USAGE, sys.argv)
+        except Exception:  # noqa: BLE001 - unexpected: the whole traceback, then a clean exit
+            traceback.print_exc()
+            exit_now(1)
+
+    app.run(guarded, flags_parser=parse)
