@@ -184,3 +184,44 @@ def test_grpo_prompt_file_errors(ckpt, tmp_path):
     broken = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "a"}, "{not json"])
     with pytest.raises(ValueError, match=r"q.jsonl:2: invalid JSON"):
         post_train.load_prompts(cfg, broken)
+
+
+# ----- DPO and export ------------------------------------------------------------------------------
+
+def test_dpo_preference_accuracy_and_export_matches_transformers(ckpt, tmp_path):
+    import torch
+    import transformers
+
+    from deepseek_jax import hf
+
+    words = ["yes", "no", "red", "apple", "cat", "dog", "blue", "cherry"]
+    pairs = [{"prompt": f"Say the word: {w}.", "chosen": w, "rejected": words[(i + 3) % len(words)]}
+             for i, w in enumerate(words)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    out_dir = str(tmp_path / "hf_out")
+    cfg = config("dpo", ckpt, **{"data.path": data, "data.eval_path": data, "eval_every": 100, "eval_batches": 1,
+                                 "total_steps": 15, "optimizer.learning_rate": 1e-2, "model.num_mtp_layers": 0,
+                                 "data.batch_size": 16, "export_hf": out_dir})
+    trainer.train(cfg, str(tmp_path / "w"))
+    rows = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+    # Step 1 scores the starting policy, equal to the reference: every margin is 0, none > 0.
+    assert rows[0]["reward_accuracy"] <= 0.5 and abs(rows[0]["reward_margin"]) < 1e-3
+    final = rows[-1]
+    assert final["eval/reward_accuracy"] >= 0.8, final  # all 8 training pairs, after the last step
+    assert final["eval/chosen_reward"] > final["eval/rejected_reward"]
+
+    # The export loads in transformers, with the tokenizer beside it, and its logits equal ours.
+    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say the word: yes."}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    theirs_model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = theirs_model(torch.tensor([ids])).logits.numpy()
+    model, params = hf.from_pretrained(out_dir)
+    from deepseek_jax import loading
+
+    trained = loading.load(str(tmp_path / "w")).params  # our final params, straight from the checkpoint
+    ours = np.asarray(model.apply({"params": trained}, np.asarray([ids], np.int32)).logits)
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() <= 2e-4 * scale, np.abs(ours - theirs).max() / scale
+    del params
