@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 _TARGET = contextvars.ContextVar("deepseek_jax_target_platform", default=None)
 # Mosaic GPU first (sm90/sm100; it raises NotImplementedError elsewhere), then Triton (sm80+).
-GPU_IMPLEMENTATIONS = ("mosaic", "triton")
+GPU_IMPLEMENTATIONS = ("mosaic_gpu", "triton")  # not "mosaic": off-GPU it means Mosaic TPU
 
 
 def target_platform() -> str:
