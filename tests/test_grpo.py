@@ -50,9 +50,16 @@ def test_rollout_scores_advantages_and_old_logprobs(setup):
     row = b["targets"][0][b["loss_mask"][0] > 0].tolist()
     assert tok.decode([t for t in row if t != tok.eos_id]) == ro.completions[0]
     assert int(b["loss_mask"].sum()) == int(ro.lengths.sum())
-    # Old log-probs: the forward's at the policy temperature, where the loss counts.
-    forward = grpo.logprobs(state.params, b)
+    # Old log-probs: an independent forward (plain model.apply, one device, numpy log-softmax
+    # at the policy temperature, gathered at the targets), where the loss counts.
+    out = grpo.parts.model.apply({"params": jax.device_get(state.params)}, b["tokens"],
+                                 positions=b["positions"], segment_ids=b["segment_ids"])
+    z = np.asarray(out.logits, np.float64) / cfg.loss_config.policy_temperature
+    logp = z - z.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    forward = np.take_along_axis(logp, np.asarray(b["targets"])[..., None], -1)[..., 0]
     mask = b["loss_mask"] > 0
+    assert cfg.loss_config.policy_temperature != 1.0  # the rollout recomputed them (not the sampler's)
     np.testing.assert_allclose(b["old_logprobs"][mask], forward[mask], atol=2e-4)
 
 
@@ -114,3 +121,45 @@ def test_run_resumes_exactly_and_evaluates_heldout(tmp_path, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, relative, params)
     first = next(iter(json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")))
     assert first["step"] == 1
+
+
+def test_generation_of_a_row_does_not_depend_on_its_batch_under_capacity_training():
+    """DeepSeek-V2 drops tokens in training only. With a capacity config whose training forward
+    makes row 0 depend on the other rows (positive control), generation and the GRPO scoring
+    model are dropless: row 0's greedy completion and log-probs equal those of row 0 alone."""
+    from deepseek_jax.config import ModelConfig
+    from deepseek_jax.model import Transformer, inference_model, init_params
+    from deepseek_jax.rl.sampler import Sampler
+
+    c = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                    moe_dispatch="capacity", capacity_policy="affinity", capacity_factor=0.3,
+                    capacity_protected_fraction=0.0)
+    model = Transformer(c)
+    params = init_params(c, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    a = rng.integers(1, 64, (4, 6))
+    b = a.copy()
+    b[1:] = rng.integers(1, 64, (3, 6))
+    train_a, train_b = (model.apply({"params": params}, x).logits[0] for x in (a, b))
+    assert np.abs(np.asarray(train_a - train_b)).max() > 1e-3  # training drops depend on the batch
+    scorer = inference_model(model)
+    assert scorer.config.moe_dispatch == "dropless"
+    alone = scorer.apply({"params": params}, a[:1]).logits[0]
+    for x in (a, b):
+        np.testing.assert_allclose(scorer.apply({"params": params}, x).logits[0], alone, atol=1e-5)
+    sampler = Sampler(model, max_prompt_len=6, max_new_tokens=6)  # the TRAINING model: decode is dropless
+    outs = [sampler.generate(params, x.tolist(), jax.random.key(1), temperature=0.0) for x in (a[:1], a, b)]
+    for o in outs[1:]:
+        np.testing.assert_array_equal(np.asarray(o.tokens[0]), np.asarray(outs[0].tokens[0]))
+        np.testing.assert_allclose(np.asarray(o.logprobs[0]), np.asarray(outs[0].logprobs[0]), atol=1e-5)
+
+
+def test_grpo_rollouts_and_scoring_run_dropless_under_a_capacity_config(setup):
+    cfg, grpo, _ = setup
+    cap = experiment.load_config("configs/r1_tiny.py:grpo", SMALL + ["moe.dispatch=capacity"])
+    parts = trainer.build_state_and_step(cap, grpo.parts.mesh, loss_name="grpo")
+    assert parts.model.config.moe_dispatch == "capacity"
+    g = grpo_lib.GRPO(cap, parts, grpo.tokenizer)
+    assert g.sampler.model.config.moe_dispatch == "dropless"
+    assert g.inference_model.config.moe_dispatch == "dropless"
