@@ -38,6 +38,8 @@ def _path(name):
     (dict(attention="mha", num_attention_heads=6, num_key_value_heads=4, hidden_size=48),
      ["model.num_key_value_heads=4", "must divide num_attention_heads=6"]),
     (dict(MOE, group_score="top2_sum", n_group=8), ["model.n_group=8", ">= 2 experts per group; got 1"]),
+    (dict(MOE, capacity_policy="switch"), ["model.capacity_policy='switch'", "'affinity'", "'gshard'"]),
+    (dict(MOE, capacity_protected_fraction=1.5), ["model.capacity_protected_fraction=1.5", "[0, 1]"]),
 ])
 def test_validation_names_field_value_and_fix(kwargs, words):
     with pytest.raises(ConfigError) as err:
@@ -170,3 +172,11 @@ def test_paper_configs_fit_the_cluster_their_docstring_names(name, devices, toke
     mc = experiment.model_config(cfg)
     if mc.is_moe:
         assert mc.n_routed_experts % sizes["expert"] == 0
+
+
+def test_v2_configs_drop_tokens_the_papers_way():
+    """DeepSeek-V2 §2.2.4: per-device budget at capacity factor 1.0, lowest affinity dropped."""
+    for name, dispatch in (("deepseek_v2", "capacity"), ("deepseek_v2_lite", "dropless")):
+        mc = experiment.model_config(experiment.load_config(_path(name)))
+        assert (mc.moe_dispatch, mc.capacity_policy, mc.capacity_factor) == (dispatch, "affinity", 1.0)
+        assert mc.capacity_protected_fraction == 0.1

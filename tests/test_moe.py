@@ -387,3 +387,37 @@ def test_moe_layer_logs_the_oracle_drop_rate():
     np.testing.assert_allclose(moe.load_stats(moe_stats)["drop_rate"], [want / routed], rtol=1e-6)
     logged = metrics_lib.expert_load_stats(np.asarray(stats["counts"]).sum(0)[None], dropped=float(stats["dropped"]))
     assert logged["moe/drop_rate"] == pytest.approx(want / routed, rel=1e-6)
+
+
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+def test_routing_stats_probs_and_router_z_loss_match_numpy(setup, scoring):
+    """MoEStats.probs = per-row sums of the affinities normalised over all experts (V3 eq. 19-20:
+    s'_{i,t} = s_{i,t} / sum_j s_{j,t}), router_z = per-row sums of logsumexp(logits)^2, and
+    losses.router_z_loss / expert_balance_loss on them, against numpy from the router weights."""
+    from deepseek_jax import losses
+
+    x, params, _ = setup
+    cfg = CFG.replace(scoring_func=scoring, group_score="max") if scoring == "softmax" else CFG
+    valid = np.ones((B, T), bool)
+    valid[2, 1:] = False
+    _, stats = moe.MoE(cfg).apply({"params": params}, x, jnp.asarray(valid))
+    logits = (np.asarray(x, np.float64).reshape(B * T, -1) @ np.asarray(params["router"], np.float64))
+    if scoring == "sigmoid":
+        s = 1.0 / (1.0 + np.exp(-logits))
+    else:
+        s = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = (s / s.sum(-1, keepdims=True)) * valid.reshape(-1, 1)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    z = (lse ** 2) * valid.reshape(-1)
+    np.testing.assert_allclose(stats["probs"], probs.reshape(B, T, -1).sum(1), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["router_z"], z.reshape(B, T).sum(1), rtol=2e-5)
+    tokens = valid.sum(1)
+    np.testing.assert_allclose(losses.router_z_loss(stats["router_z"][None], stats["tokens"]),
+                               z.reshape(B, T).sum(1) / tokens, rtol=2e-5)
+    # Sequence-wise balance loss (V3 eq. 17-20): f_i = E / (K T) * count_i, P_i = mean_t s'_{i,t}.
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    counts = np.asarray(stats["counts"])
+    f = E / (K * tokens[:, None]) * counts
+    P = probs.reshape(B, T, -1).sum(1) / tokens[:, None]
+    np.testing.assert_allclose(losses.expert_balance_loss(stats["counts"][None], stats["probs"][None],
+                                                          stats["tokens"], K), (f * P).sum(-1), rtol=2e-5)
