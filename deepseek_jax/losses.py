@@ -48,10 +48,13 @@ Rows are never split, so DPO micro-batches must hold whole (chosen, rejected) ro
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+
+from deepseek_jax.chunked_xent import map_head
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 RATIO_LEVELS = ("token", "sequence")
@@ -359,8 +362,31 @@ def _normalisers(name: str, batch, cfg: LossConfig):
 # ----- shared parts of the objectives ------------------------------------------------------------
 
 def _forward(model, params, batch):
+    # Models that can skip their output head leave it to `_per_token` (no [B, T, V] logits).
+    hidden = {"return_hidden": True} if "return_hidden" in inspect.signature(type(model).__call__).parameters else {}
     return model.apply({"params": params}, batch["tokens"], positions=batch.get("positions"),
-                       segment_ids=batch.get("segment_ids"))
+                       segment_ids=batch.get("segment_ids"), **hidden)
+
+
+def _per_token(fn, out, model, *extras_BxTx_, depth: Optional[int] = None):
+    """fn(logits [B, T, V], *extras) -> per-position outputs, for the main head (depth None)
+    or MTP depth `depth`; chunk by chunk (chunked_xent.map_head) when the model returned
+    its hidden states instead of logits."""
+    if out.logits is not None:
+        logits = out.logits if depth is None else out.mtp_logits[depth]
+        return fn(logits, *extras_BxTx_)
+    h = out.hidden if depth is None else out.mtp_hidden[depth]
+    return map_head(fn, h, out.head_kernel, *extras_BxTx_, dtype=jnp.dtype(model.config.dtype))
+
+
+def _num_mtp(out) -> int:
+    mtp = out.mtp_logits if out.logits is not None else out.mtp_hidden
+    return 0 if mtp is None else mtp.shape[0]
+
+
+def _logp_logz_hit(logits_BxTxV, targets_BxT):
+    logp, logz = token_logprobs(logits_BxTxV, targets_BxT)
+    return logp, logz, (jnp.argmax(logits_BxTxV, -1) == targets_BxT).astype(jnp.float32)
 
 
 def _router_terms(out, model, cfg: LossConfig, rows: jax.Array) -> tuple[jax.Array, dict]:
@@ -407,20 +433,20 @@ def pretrain_loss(params, batch, rng, *, model, cfg=None):
     local, norm = _normalisers("pretrain", batch, cfg)
     out = _forward(model, params, batch)
     mask = batch["loss_mask"].astype(jnp.float32)
-    logp, logz = token_logprobs(out.logits, batch["targets"])
+    logp, logz, hits = _per_token(_logp_logz_hit, out, model, batch["targets"])
     ce = -jnp.sum(mask * logp) / norm["denominator"]
-    hits = (jnp.argmax(out.logits, -1) == batch["targets"]).astype(jnp.float32)
     metrics = {"ce": ce, "accuracy": jnp.sum(mask * hits) / norm["tokens"], **local}
     loss = ce
     if cfg.z_loss:
         metrics["z_loss"] = jnp.sum(mask * logz**2) / norm["tokens"]
         loss = loss + cfg.z_loss * metrics["z_loss"]
-    if out.mtp_logits is not None:
-        N = out.mtp_logits.shape[0]
+    if _num_mtp(out):
+        N = _num_mtp(out)
         mtp_sum = 0.0
         for k in range(N):
             tgt, m = mtp_targets(batch["targets"], mask, batch.get("segment_ids"), k + 1)
-            mtp_sum = mtp_sum - jnp.sum(m * token_logprobs(out.mtp_logits[k], tgt)[0])
+            logp_k = _per_token(lambda lg, t: token_logprobs(lg, t)[0], out, model, tgt, depth=k)
+            mtp_sum = mtp_sum - jnp.sum(m * logp_k)
         metrics["mtp_ce"] = mtp_sum / (N * norm["tokens"])
         loss = loss + cfg.mtp_weight * metrics["mtp_ce"]
     router, router_metrics = _router_terms(out, model, cfg, norm["rows"])
@@ -446,18 +472,23 @@ def grpo_loss(params, batch, rng, *, model, cfg=None):
     local, norm = _normalisers("grpo", batch, cfg)
     out = _forward(model, params, batch)
     mask = batch["loss_mask"].astype(jnp.float32)
-    logits = out.logits / cfg.policy_temperature
-    logp, _ = token_logprobs(logits, batch["targets"])
+    def logp_entropy(logits, targets):
+        logits = logits / cfg.policy_temperature
+        return token_logprobs(logits, targets)[0], jax.lax.stop_gradient(token_entropy(logits))
+
+    logp, entropy = _per_token(logp_entropy, out, model, batch["targets"])
     terms = grpo_token_objective(logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
                                  mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
                                  ratio_level=cfg.ratio_level)
     agg = lambda x: aggregate(x, mask, cfg.aggregation, norm["denominator"])
     token_mean = lambda x: jnp.sum(mask * jax.lax.stop_gradient(x)) / norm["tokens"]
+    if "tis_weight" in batch:  # grpo.tis_cap: truncated importance weights pi_train / pi_sampler (constants)
+        terms["loss"] = terms["loss"] * batch["tis_weight"]
     loss = agg(terms["loss"])
     metrics = {"pg_loss": -agg(jax.lax.stop_gradient(terms["surrogate"])), "kl": token_mean(terms["kl"]),
                "ratio": token_mean(terms["ratio"]), "clip_frac_low": token_mean(terms["clipped_low"]),
                "clip_frac_high": token_mean(terms["clipped_high"]),
-               "entropy": token_mean(token_entropy(logits)), **local}
+               "entropy": token_mean(entropy), **local}
     router, router_metrics = _router_terms(out, model, cfg, norm["rows"])
     metrics.update(router_metrics)
     loss = loss + router
@@ -477,17 +508,20 @@ def distill_loss(params, batch, rng, *, model, cfg=None):
     out = _forward(model, params, batch)
     mask = batch["loss_mask"].astype(jnp.float32)
     if "teacher_logprobs" in batch:
-        kd_BxT = distill_kl(out.logits, batch["teacher_logprobs"], cfg.temperature)
+        kd_fn, teacher = lambda lg, t: distill_kl(lg, t, cfg.temperature), (batch["teacher_logprobs"],)
     elif "teacher_topk_ids" in batch:
-        kd_BxT = distill_kl_topk(out.logits, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
-                                 cfg.temperature)
+        kd_fn = lambda lg, ids, lp: distill_kl_topk(lg, ids, lp, cfg.temperature)
+        teacher = (batch["teacher_topk_ids"], batch["teacher_topk_logprobs"])
     else:
         raise KeyError("distill batch needs 'teacher_logprobs' [B, T, V] or 'teacher_topk_ids' and "
                        f"'teacher_topk_logprobs' [B, T, k]; got keys {sorted(batch)}")
-    logp, _ = token_logprobs(out.logits, batch["targets"])
+    def kd_logp_hit(logits, targets, *teacher_chunk):
+        logp, _, hit = _logp_logz_hit(logits, targets)
+        return kd_fn(logits, *teacher_chunk), logp, hit
+
+    kd_BxT, logp, hits = _per_token(kd_logp_hit, out, model, batch["targets"], *teacher)
     kd = jnp.sum(mask * kd_BxT) / norm["denominator"]
     ce = -jnp.sum(mask * logp) / norm["denominator"]
-    hits = (jnp.argmax(out.logits, -1) == batch["targets"]).astype(jnp.float32)
     loss = cfg.distill_alpha * kd + (1.0 - cfg.distill_alpha) * ce
     metrics = {"kd": kd, "ce": ce, "accuracy": jnp.sum(mask * hits) / norm["tokens"], **local}
     router, router_metrics = _router_terms(out, model, cfg, norm["rows"])
@@ -511,7 +545,7 @@ def dpo_loss(params, batch, rng, *, model, cfg=None):
     local, norm = _normalisers("dpo", batch, cfg)
     out = _forward(model, params, batch)
     mask = batch["loss_mask"].astype(jnp.float32)
-    seq_logp = jnp.sum(mask * token_logprobs(out.logits, batch["targets"])[0], axis=1)
+    seq_logp = jnp.sum(mask * _per_token(lambda lg, t: token_logprobs(lg, t)[0], out, model, batch["targets"]), axis=1)
     ref = batch["ref_logprobs"].astype(jnp.float32)
     seq_ref = jnp.sum(mask * ref, axis=1) if ref.ndim == 2 else ref
     terms = dpo_objective(seq_logp[0::2], seq_logp[1::2], seq_ref[0::2], seq_ref[1::2], cfg.dpo_beta)

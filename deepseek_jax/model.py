@@ -121,8 +121,12 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, cache: Optional[kv_cache.KVCache] = None,
-                 absorbed: bool = True):
+                 absorbed: bool = True, return_hidden: bool = False):
         """ModelOutput; with `cache`, (ModelOutput, updated cache) for prefill / decode.
+
+        `return_hidden=True` (training losses, no cache) skips the output head: logits and
+        mtp_logits are None, and `hidden`, `mtp_hidden` and `head_kernel` let the loss apply
+        the head chunk by chunk (chunked_xent.map_head) without a [B, T, V] array.
 
         With a cache, `tokens` are appended at the cache's write index; `segment_ids` (0 =
         left padding) marks which are real, positions come from the cache (`positions` must be
@@ -164,6 +168,11 @@ class Transformer(nn.Module):
             head = embed.attend
         else:  # float32 logits, accumulated in float32 whatever the activation dtype
             head = Dense((c.hidden_size,), (c.vocab_size,), ("embed", "vocab"), dt, jnp.float32, name="lm_head")
+        head_kernel = None
+        if return_hidden and cache is None:  # the loss applies the head (chunked_xent.py)
+            p = nn.meta.unbox(self.variables["params"])
+            head_kernel = p["embed"]["embedding"].T if c.tie_word_embeddings else p["lm_head"]["kernel"]
+            head = lambda h_BxTxD: h_BxTxD
         logits = head(h)
         if cache is not None:
             out = ModelOutput(logits=logits, moe=_stack_stats(stats), hidden=h)
@@ -180,11 +189,14 @@ class Transformer(nn.Module):
             _, h_prev, s = MTPModule(c, name=f"mtp_{k}")(h_prev, embed(next_tokens), cos, sin, mask, valid_BxT)
             stats.append(s)
             mtp_logits.append(head(h_prev))
+        mtp = jnp.stack(mtp_logits) if mtp_logits else None
         return ModelOutput(
-            logits=logits,
-            mtp_logits=jnp.stack(mtp_logits) if mtp_logits else None,
+            logits=None if return_hidden else logits,
+            mtp_logits=None if return_hidden else mtp,
             moe=_stack_stats(stats),
             hidden=h,
+            mtp_hidden=mtp if return_hidden else None,
+            head_kernel=head_kernel,
         )
 
 

@@ -30,10 +30,15 @@ class MoEStats:
 
 @flax.struct.dataclass
 class ModelOutput:
-    logits: jax.Array  # [B, T, V] float32
+    logits: Optional[jax.Array]  # [B, T, V] float32 (None with return_hidden=True)
     mtp_logits: Optional[jax.Array] = None  # [N, B, T, V]; [k, :, t] predicts tokens[:, t + k + 2]
     moe: Optional[MoEStats] = None  # None for dense models
     hidden: Optional[jax.Array] = None  # [B, T, D] final hidden state after the final norm
+    # With model.apply(..., return_hidden=True) the logits are left to the loss (chunked_xent):
+    # logits and mtp_logits are None; the MTP depths' final-normed states and the head's kernel
+    # (lm_head, or the tied embedding transposed) come instead.
+    mtp_hidden: Optional[jax.Array] = None  # [N, B, T, D]
+    head_kernel: Optional[jax.Array] = None  # [D, V] float32
 
     @property
     def expert_load(self) -> Optional[jax.Array]:
