@@ -193,6 +193,8 @@ def split_microbatches(batch, microbatches: int, dp: int):
 def _place_batch(batch, mesh):
     """Puts each leaf on the batch sharding (a no-op for arrays already placed there)."""
     def place(x):
+        if isinstance(x, jax.ShapeDtypeStruct):  # abstract batches (plan.py lowers without data)
+            return x
         sh = sharding_lib.batch_sharding(mesh, max(np.ndim(x), 1))
         if isinstance(x, jax.Array) and x.sharding == sh:
             return x
