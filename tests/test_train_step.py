@@ -181,3 +181,61 @@ def test_meshes_match_single_device(setup, steps, batches, mesh_cfg):
         state, m = step(state, batch)
         got.append(float(m["loss"]))
     np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_bias_update_uses_the_global_load_on_every_replica(setup, batches):
+    """V3 §2.1.2 through the real step on a 2 data x 4 expert mesh: a router skewed differently
+    for the two data shards' rows, so each shard's own load would move some biases the other
+    way; every replica's bias must move by RATE * sign(mean - GLOBAL load) (numpy oracle from
+    the global counts of a single-device forward of the same params)."""
+    s = setup
+    mesh = sharding.make_mesh(dict(data=2, expert=4))
+    state = train_step.create_train_state(s["model"], s["optimizer"], mesh, s["rules"], seed=0)
+    params = jax.device_get(state.params)
+    batch = dict(batches[0])
+    # Skew: the first half of the rows (data shard 0) all start with token 7, the second half
+    # with token 9; their embeddings push the router toward opposite ends of the expert range.
+    E = s["model"].config.n_routed_experts
+    tokens = np.array(batch["tokens"])
+    tokens[: B // 2, :] = 7
+    tokens[B // 2:, :] = 9
+    batch["tokens"] = tokens
+    emb = params["embed"]["embedding"]
+    direction = np.asarray(emb[7] - emb[9])
+    for mlp in _moe_layers(params):
+        mlp["router"] = mlp["router"] + 3.0 * np.outer(direction / np.linalg.norm(direction),
+                                                       np.linspace(1.0, -1.0, E))
+    state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params)))
+    # Oracle: global and per-shard counts from a plain single-device forward.
+    out = jax.jit(s["model"].apply)({"params": params}, batch["tokens"], positions=batch.get("positions"),
+                                     segment_ids=batch.get("segment_ids"))
+    counts_LxBxE = np.asarray(out.moe.counts, np.float64)
+    glob = counts_LxBxE.sum(1)
+    halves = [counts_LxBxE[:, : B // 2].sum(1), counts_LxBxE[:, B // 2:].sum(1)]
+    sign = lambda load: np.sign(load.mean(-1, keepdims=True) - load)
+    # Positive control: a per-shard update would differ from the global one.
+    assert any(np.any(sign(h) != sign(glob)) for h in halves)
+    step = train_step.make_train_step(s["model"], train_step.bind_loss("pretrain", s["model"], s["loss_cfg"]),
+                                      s["optimizer"], mesh, s["rules"], bias_update_rate=RATE)
+    bias0 = [np.asarray(b) for b in _biases(params)]
+    new_state, m = step(state, batch)
+    np.testing.assert_array_equal(np.asarray(m["moe/expert_counts"]), glob)
+    assert len(bias0) == glob.shape[0]
+    for i, leaf in enumerate(_biases(new_state.params)):
+        want = bias0[i] + RATE * sign(glob[i])
+        shards = leaf.addressable_shards
+        assert len(shards) == 8  # replicated on every device
+        for sh in shards:
+            np.testing.assert_allclose(np.asarray(sh.data), want, rtol=0, atol=1e-7)
+
+
+def _moe_layers(params):
+    """The MoE layers' parameter dicts in MoEStats order: main layers by index, then MTP blocks."""
+    layers = sorted((int(k.split("_")[1]), v["mlp"]) for k, v in params.items()
+                    if k.startswith("layers_") and "router" in v["mlp"])
+    mtp = sorted((int(k.split("_")[1]), v["block"]["mlp"]) for k, v in params.items() if k.startswith("mtp_"))
+    return [m for _, m in layers] + [m for _, m in mtp]
+
+
+def _biases(params):
+    return [mlp["e_score_correction_bias"] for mlp in _moe_layers(params)]
