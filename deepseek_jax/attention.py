@@ -178,6 +178,15 @@ class MLA(nn.Module):
         w_uk_CxHxN, w_uv_CxHxA = w_CxHxNA[..., :N], w_CxHxNA[..., N:]
         q_lat_BxTxHxC = jnp.einsum("bthn,chn->bthc", q_nope_BxTxHxN, w_uk_CxHxN,
                                    preferred_element_type=jnp.float32).astype(dt)
+        if resolve_attention_impl(c.attention_impl) == "blockwise":
+            # The same scores as one kv head of width C + R, [q_lat, q_pe].[c_kv, k_pe], and the
+            # latent as its value: online softmax over S blocks, no [T, S] logits per head.
+            o_lat_BxTxHxC = blockwise_attention(
+                jnp.concatenate([q_lat_BxTxHxC, q_pe_BxTxHxR.astype(dt)], axis=-1),
+                jnp.concatenate([ckv_BxSxC, k_pe_BxSxR.astype(dt)], axis=-1)[:, :, None],
+                ckv_BxSxC[:, :, None], scale=softmax_scale(c.qk_head_dim, c.rope_scaling), causal=False,
+                mask=mask)
+            return jnp.einsum("bthc,cha->btha", o_lat_BxTxHxC, w_uv_CxHxA, preferred_element_type=jnp.float32).astype(dt)
         logits_BxHxTxS = (
             jnp.einsum("bthc,bsc->bhts", q_lat_BxTxHxC, ckv_BxSxC, preferred_element_type=jnp.float32)
             + jnp.einsum("bthr,bsr->bhts", q_pe_BxTxHxR, k_pe_BxSxR, preferred_element_type=jnp.float32)

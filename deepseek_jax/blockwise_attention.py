@@ -237,8 +237,8 @@ def _one_block(q, k, v, mask, scale):
 
 def blockwise_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxA: jax.Array, *,
                         scale: float, causal: bool = True, segment_ids: Optional[jax.Array] = None,
-                        mask: Optional[jax.Array] = None, block_q: int = DEFAULT_BLOCK_Q,
-                        block_k: int = DEFAULT_BLOCK_K) -> jax.Array:
+                        mask: Optional[jax.Array] = None, block_q: Optional[int] = None,
+                        block_k: Optional[int] = None) -> jax.Array:
     """softmax(q k^T * scale + mask) v -> [B, T, H, A] in v's dtype, without a [T, S] matrix.
 
     `scale` is the full softmax scale (with YaRN's mscale^2 correction for MLA). G kv heads
@@ -254,7 +254,7 @@ def blockwise_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxA: j
     if (causal or segment_ids is not None) and T != S:
         raise ValueError(f"blockwise_attention: causal/segment masks need T == S, got T={T}, S={S}; "
                          "pass a dense `mask` for cached attention")
-    bq, bk = min(block_q, T), min(block_k, S)
+    bq, bk = min(block_q or DEFAULT_BLOCK_Q, T), min(block_k or DEFAULT_BLOCK_K, S)
     Tp, Sp = -(-T // bq) * bq, -(-S // bk) * bk
     q = _pad_to(q_BxTxHxK, 1, Tp).reshape(B, Tp, G, H // G, K)
     k, v = _pad_to(k_BxSxGxK, 1, Sp), _pad_to(v_BxSxGxA, 1, Sp)
