@@ -396,7 +396,12 @@ def _router_terms(out, model, cfg: LossConfig, rows: jax.Array) -> tuple[jax.Arr
         return jnp.float32(0.0), {}
     c = model.config
     K, G = c.num_experts_per_tok, c.n_group
-    expert = jnp.sum(expert_balance_loss(moe.counts, moe.probs, moe.tokens, K)) / rows
+    # Per document (packed rows hold several; V3 eq. 17-20 is per sequence) when the model
+    # reports it, else per row. Then averaged over the global rows.
+    seq_balance = getattr(moe, "seq_balance", None)
+    if seq_balance is None:
+        seq_balance = expert_balance_loss(moe.counts, moe.probs, moe.tokens, K)
+    expert = jnp.sum(seq_balance) / rows
     z = jnp.sum(router_z_loss(moe.router_z, moe.tokens)) / rows
     # expert_counts [L, E] sums to the global load the aux-loss-free bias update needs.
     metrics = {"moe/expert_balance": expert, "moe/router_z": z, "moe/dropped": jnp.sum(moe.dropped),

@@ -107,7 +107,8 @@ def _stack_stats(stats: list) -> Optional[MoEStats]:
         counts=jnp.stack([s["counts"] for s in stats]), probs=jnp.stack([s["probs"] for s in stats]),
         router_z=jnp.stack([s["router_z"] for s in stats]), tokens=stats[0]["tokens"],
         dropped=jnp.stack([s["dropped"] for s in stats]),
-        group_tokens=jnp.stack([s["group_tokens"] for s in stats]))
+        group_tokens=jnp.stack([s["group_tokens"] for s in stats]),
+        seq_balance=jnp.stack([s["seq_balance"] for s in stats]))
 
 
 def shift_left(x_BxT: jax.Array, fill: int = 0) -> jax.Array:
@@ -157,7 +158,8 @@ class Transformer(nn.Module):
         stats, layer_caches = [], []
         for i in range(c.num_hidden_layers):
             if cache is None:
-                x, s = block_cls(c, c.is_moe_layer(i), name=f"layers_{i}")(x, cos, sin, mask, valid_BxT)
+                # Segment ids, not just the mask: the MoE's sequence-wise balance loss is per document.
+                x, s = block_cls(c, c.is_moe_layer(i), name=f"layers_{i}")(x, cos, sin, mask, segment_ids)
             else:  # no remat: generation never differentiates; and never drops tokens
                 x, s, layer = Block(dropless_config(c), c.is_moe_layer(i), name=f"layers_{i}")(
                     x, cos, sin, mask, valid_BxT, cache.layers[i], index, absorbed)
@@ -186,7 +188,7 @@ class Transformer(nn.Module):
             # builds on depth k-1's representation, the same kind at every depth: the final-normed
             # state its output head reads (the main model's h for depth 1, as the checkpoints run).
             next_tokens = shift_left(next_tokens)
-            _, h_prev, s = MTPModule(c, name=f"mtp_{k}")(h_prev, embed(next_tokens), cos, sin, mask, valid_BxT)
+            _, h_prev, s = MTPModule(c, name=f"mtp_{k}")(h_prev, embed(next_tokens), cos, sin, mask, segment_ids)
             stats.append(s)
             mtp_logits.append(head(h_prev))
         mtp = jnp.stack(mtp_logits) if mtp_logits else None

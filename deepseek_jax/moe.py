@@ -122,9 +122,13 @@ class MoE(nn.Module):
 
 
 def routing_stats(logits_NxE, ids_NxK, valid_BxT, B, T, c: ModelConfig) -> dict:
-    """Per-row sums feeding the balance losses and load logging (outputs.MoEStats)."""
+    """Per-row sums feeding the balance losses and load logging (outputs.MoEStats).
+
+    valid_BxT: segment ids (0 = padding; a run of equal ids = one packed document) or a
+    bool mask (one document per row); None = every token real, one document per row.
+    """
     E, G = c.n_routed_experts, c.n_group
-    valid_N = jnp.ones((B * T,), jnp.float32) if valid_BxT is None else valid_BxT.reshape(-1).astype(jnp.float32)
+    valid_N = jnp.ones((B * T,), jnp.float32) if valid_BxT is None else (valid_BxT.reshape(-1) != 0).astype(jnp.float32)
     scores_NxE = routing_lib.scores_from_logits(logits_NxE, c.scoring_func)
     # V3 eq. 19: normalise sigmoid affinities over all experts (softmax ones already sum to 1).
     probs_NxE = scores_NxE / scores_NxE.sum(axis=-1, keepdims=True)
@@ -134,7 +138,24 @@ def routing_stats(logits_NxE, ids_NxK, valid_BxT, B, T, c: ModelConfig) -> dict:
     z_N = jax.nn.logsumexp(logits_NxE, axis=-1) ** 2
     per_row = lambda a: (a * valid_N.reshape((B * T,) + (1,) * (a.ndim - 1))).reshape((B, T) + a.shape[1:]).sum(1)
     return {"counts": per_row(counts_NxE), "probs": per_row(probs_NxE), "router_z": per_row(z_N),
-            "tokens": valid_N.reshape(B, T).sum(1), "group_tokens": per_row(group_tokens_NxG)}
+            "tokens": valid_N.reshape(B, T).sum(1), "group_tokens": per_row(group_tokens_NxG),
+            "seq_balance": _document_balance(counts_NxE, probs_NxE, valid_N, valid_BxT, B, T, c)}
+
+
+def _document_balance(counts_NxE, probs_NxE, valid_N, seg_BxT, B, T, c: ModelConfig):
+    """[B] V3's sequence-wise balance loss (eq. 17-20) per document, averaged over each row's
+    documents: f_i = E / (K T_d) #{t in d: i in TopK(t)}, P_i = (1/T_d) sum_{t in d} s'_{i,t},
+    L_d = sum_i f_i P_i. A document is a run of equal segment ids (packing keeps them contiguous)."""
+    E, K = c.n_routed_experts, c.num_experts_per_tok
+    seg_BxT = jnp.ones((B, T), jnp.int32) if seg_BxT is None else seg_BxT.astype(jnp.int32)
+    starts_BxT = jnp.concatenate([jnp.ones((B, 1), bool), seg_BxT[:, 1:] != seg_BxT[:, :-1]], axis=1)
+    doc_N = (jnp.cumsum(starts_BxT, axis=1) - 1 + T * jnp.arange(B)[:, None]).reshape(-1)  # row b: b*T + k
+    ssum = lambda a: jax.ops.segment_sum(a * valid_N.reshape((-1,) + (1,) * (a.ndim - 1)), doc_N, B * T)
+    tokens_D = ssum(jnp.ones_like(valid_N))
+    f_DxE = ssum(counts_NxE) * E / (K * jnp.maximum(tokens_D, 1.0))[:, None]
+    loss_D = jnp.sum(f_DxE * ssum(probs_NxE), axis=-1) / jnp.maximum(tokens_D, 1.0)
+    real_BxT = (tokens_D > 0).astype(jnp.float32).reshape(B, T)  # padding-only runs are no document
+    return loss_D.reshape(B, T).sum(1) / jnp.maximum(real_BxT.sum(1), 1.0)
 
 
 # ----- load balancing --------------------------------------------------------------------------

@@ -26,6 +26,9 @@ class MoEStats:
     # [L, B, G] tokens sent to each expert group (= device under device-limited routing), a
     # token counting once per group however many of its experts are there (V2 eq. 18-20).
     group_tokens: Optional[jax.Array] = None
+    # [L, B] V3's sequence-wise balance loss sum_i f_i P_i (eq. 17-20, no alpha) per DOCUMENT
+    # (segment), averaged over the documents of each row: packed rows hold several sequences.
+    seq_balance: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass

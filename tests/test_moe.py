@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deepseek_jax import losses as losses_lib
 from deepseek_jax import moe, sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.outputs import MoEStats
@@ -421,3 +422,32 @@ def test_routing_stats_probs_and_router_z_loss_match_numpy(setup, scoring):
     P = probs.reshape(B, T, -1).sum(1) / tokens[:, None]
     np.testing.assert_allclose(losses.expert_balance_loss(stats["counts"][None], stats["probs"][None],
                                                           stats["tokens"], K), (f * P).sum(-1), rtol=2e-5)
+
+
+def test_sequence_wise_balance_loss_is_per_packed_document(setup):
+    """V3 eq. 17-20 per sequence: a row packing documents [1 1 1 2] (and one with padding)
+    averages the per-document losses, from numpy counts of the layer's own top-k choices."""
+    x, params, _ = setup
+    seg = np.tile(np.array([1, 1, 1, 2]), (B, 1))
+    seg[1] = [1, 2, 3, 0]
+    seg[4] = [1, 1, 1, 1]
+    _, stats = moe.MoE(CFG).apply({"params": params}, x, jnp.asarray(seg))
+    logits = np.asarray(x, np.float64).reshape(B * T, -1) @ np.asarray(params["router"], np.float64)
+    _, ids = moe.route(jnp.asarray(logits, jnp.float32), params["e_score_correction_bias"], CFG)
+    ids = np.asarray(ids).reshape(B, T, -1)
+    s = 1.0 / (1.0 + np.exp(-logits))
+    sp = (s / s.sum(-1, keepdims=True)).reshape(B, T, -1)
+    E, K = CFG.n_routed_experts, CFG.num_experts_per_tok
+    want = np.zeros(B)
+    for b in range(B):
+        per_doc = []
+        for d in sorted(set(seg[b].tolist()) - {0}):
+            ts = np.flatnonzero(seg[b] == d)
+            f = E / (K * len(ts)) * np.bincount(ids[b, ts].reshape(-1), minlength=E)
+            per_doc.append(np.sum(f * sp[b, ts].mean(0)))
+        want[b] = np.mean(per_doc)
+    np.testing.assert_allclose(stats["seq_balance"], want, rtol=2e-5)
+    # A one-document row is the per-row formula (expert_balance_loss).
+    row = moe.MoE(CFG).apply({"params": params}, x)[1]
+    np.testing.assert_allclose(row["seq_balance"], losses_lib.expert_balance_loss(
+        row["counts"][None], row["probs"][None], row["tokens"], K), rtol=2e-5)
