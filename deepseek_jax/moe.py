@@ -80,7 +80,7 @@ def copy_priority(scores_NxE, ids_NxK, valid_BxT, B: int, T: int, c: ModelConfig
     prot_N = jnp.asarray(np.repeat(protected_rows(B, c.capacity_protected_fraction), T))
     pri_NxK = aff_NxK + dispatch.PROTECTED_PRIORITY * prot_N[:, None]
     if valid_BxT is not None:
-        pri_NxK = jnp.where(valid_BxT.reshape(-1, 1), pri_NxK, -1.0)
+        pri_NxK = jnp.where(valid_BxT.reshape(-1, 1) != 0, pri_NxK, -1.0)  # segment ids or a mask
     return jax.lax.stop_gradient(pri_NxK.astype(jnp.float32))
 
 
