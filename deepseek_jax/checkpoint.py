@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Any, Optional
 
 import grain
@@ -163,8 +164,14 @@ class Checkpointer:
         text = str(e)
         if not isinstance(cause, OSError) and "Errno" not in text and "No space left" not in text:
             return e
-        reason = (f"[Errno {cause.errno}] {cause.strerror}" if isinstance(cause, OSError) and cause.strerror
-                  else text.strip().splitlines()[0][:200])
+        # Tensorstore's message is long ("RESOURCE_EXHAUSTED: Error writing ... [os_error_code='28']").
+        ts_error = re.search(r"([^:\]]+?) \[os_error_code='(\d+)'\]", text)
+        if isinstance(cause, OSError) and cause.strerror:
+            reason = f"[Errno {cause.errno}] {cause.strerror}"
+        elif ts_error:
+            reason = f"[Errno {ts_error[2]}] {ts_error[1].strip()}"
+        else:
+            reason = text.strip().splitlines()[0][:200]
         good = self.latest_good()
         return SaveFailed(f"saving a checkpoint in {self.directory} failed: {reason}. Last good checkpoint: "
                           f"{good or 'none (no step was saved)'}. Free space (or fix the file system) and "

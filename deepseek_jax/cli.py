@@ -86,10 +86,20 @@ def fail(prog: str, e: BaseException, code: int, argv) -> None:
     exit_now(code)
 
 
+class _OrbaxErrorFilter(logging.Filter):
+    """Drops Orbax's background-thread error reports (each with a traceback; a full disk
+    gives five of them): the same error is raised again in the main thread, where
+    checkpoint.py turns it into one message naming the last good checkpoint."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
 def quiet_logs() -> None:
     """Our progress at INFO, libraries that log through absl (Orbax) at WARNING."""
     if not flags.FLAGS.is_parsed() or not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger("absl").addFilter(_OrbaxErrorFilter())
     logging.getLogger("deepseek_jax").setLevel(logging.INFO)
 
 
