@@ -27,7 +27,12 @@ import jax.numpy as jnp
 from deepseek_jax import gpu_kernels, kv_cache
 from deepseek_jax.blockwise_attention import CausalSegmentMask, blockwise_attention, resolve_attention_impl
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import Dense, RMSNorm, apply_rope, constrain, matmul_2d, softmax_scale
+from deepseek_jax.layers import Dense, RMSNorm, apply_rope, constrain, einsum_f32, matmul_2d, softmax_scale
+
+# MLA's latent norms (q_a_layernorm, kv_a_layernorm) use a fixed eps, whatever rms_norm_eps
+# says: DeepSeek's released code and transformers build them as RMSNorm(rank) with the
+# default 1e-6 (rms_norm_eps only reaches the per-layer and final norms).
+LATENT_NORM_EPS = 1e-6
 
 
 def attention_mask(segment_ids_BxT: Optional[jax.Array], T: int, impl: str = "reference"):
@@ -66,12 +71,10 @@ def attend(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxA: jax.Array, mas
 def dot_product_attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxA: jax.Array,
                           mask_Bx1xTxS: jax.Array, scale: float) -> jax.Array:
     """softmax(q k^T * scale + mask) v with the softmax in float32."""
-    logits = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
-                        preferred_element_type=jnp.float32) * scale
+    logits = einsum_f32("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) * scale
     logits = jnp.where(mask_Bx1xTxS, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxA.dtype)
-    return jnp.einsum("bhts,bsha->btha", probs, v_BxSxHxA, preferred_element_type=jnp.float32
-                      ).astype(v_BxSxHxA.dtype)
+    return einsum_f32("bhts,bsha->btha", probs, v_BxSxHxA).astype(v_BxSxHxA.dtype)
 
 
 class MHA(nn.Module):
@@ -108,10 +111,10 @@ def grouped_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xTxS, scale: floa
     B, T, H, K = q_BxTxHxK.shape
     G = k_BxSxGxK.shape[2]
     q_BxTxGxJxK = q_BxTxHxK.reshape(B, T, G, H // G, K)
-    logits = jnp.einsum("btgjk,bsgk->bgjts", q_BxTxGxJxK, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
+    logits = einsum_f32("btgjk,bsgk->bgjts", q_BxTxGxJxK, k_BxSxGxK) * scale
     logits = jnp.where(mask_Bx1xTxS[:, :, None], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxGxK.dtype)
-    out = jnp.einsum("bgjts,bsgk->btgjk", probs, v_BxSxGxK, preferred_element_type=jnp.float32)
+    out = einsum_f32("bgjts,bsgk->btgjk", probs, v_BxSxGxK)
     return out.reshape(B, T, H, K).astype(v_BxSxGxK.dtype)
 
 
@@ -129,7 +132,7 @@ class MLA(nn.Module):
             return Dense((D,), (H, c.qk_head_dim), ("embed", "heads", "head_dim"), dt, name="q_proj")(x_BxTxD)
         Q = c.q_lora_rank
         cq = Dense((D,), (Q,), ("embed", "q_lora"), dt, name="q_a_proj")(x_BxTxD)
-        cq = RMSNorm(c.rms_norm_eps, name="q_a_norm")(cq)
+        cq = RMSNorm(LATENT_NORM_EPS, name="q_a_norm")(cq)
         return Dense((Q,), (H, c.qk_head_dim), ("q_lora", "heads", "head_dim"), dt, name="q_b_proj")(cq)
 
     def project_kv_latent(self, x_BxTxD):
@@ -139,7 +142,7 @@ class MLA(nn.Module):
         C, R = c.kv_lora_rank, c.qk_rope_head_dim
         ckv_pe = Dense((c.hidden_size,), (C + R,), ("embed", "kv_lora"), dt, name="kv_a_proj")(x_BxTxD)
         ckv, k_pe = ckv_pe[..., :C], ckv_pe[..., C:]
-        return RMSNorm(c.rms_norm_eps, name="kv_a_norm")(ckv), k_pe
+        return RMSNorm(LATENT_NORM_EPS, name="kv_a_norm")(ckv), k_pe
 
     def kv_up_kernel(self):
         """W_UK and W_UV stacked: [C, H, N + A] (kv_b_proj)."""
@@ -176,8 +179,7 @@ class MLA(nn.Module):
         N = c.qk_nope_head_dim
         w_CxHxNA = self.kv_up_kernel().astype(dt)
         w_uk_CxHxN, w_uv_CxHxA = w_CxHxNA[..., :N], w_CxHxNA[..., N:]
-        q_lat_BxTxHxC = jnp.einsum("bthn,chn->bthc", q_nope_BxTxHxN, w_uk_CxHxN,
-                                   preferred_element_type=jnp.float32).astype(dt)
+        q_lat_BxTxHxC = einsum_f32("bthn,chn->bthc", q_nope_BxTxHxN, w_uk_CxHxN).astype(dt)
         if resolve_attention_impl(c.attention_impl) == "blockwise":
             # The same scores as one kv head of width C + R, [q_lat, q_pe].[c_kv, k_pe], and the
             # latent as its value: online softmax over S blocks, no [T, S] logits per head.
@@ -186,15 +188,16 @@ class MLA(nn.Module):
                 jnp.concatenate([ckv_BxSxC, k_pe_BxSxR.astype(dt)], axis=-1)[:, :, None],
                 ckv_BxSxC[:, :, None], scale=softmax_scale(c.qk_head_dim, c.rope_scaling), causal=False,
                 mask=mask)
-            return jnp.einsum("bthc,cha->btha", o_lat_BxTxHxC, w_uv_CxHxA, preferred_element_type=jnp.float32).astype(dt)
+            return einsum_f32("bthc,cha->btha", o_lat_BxTxHxC, w_uv_CxHxA).astype(dt)
         logits_BxHxTxS = (
-            jnp.einsum("bthc,bsc->bhts", q_lat_BxTxHxC, ckv_BxSxC, preferred_element_type=jnp.float32)
-            + jnp.einsum("bthr,bsr->bhts", q_pe_BxTxHxR, k_pe_BxSxR, preferred_element_type=jnp.float32)
+            einsum_f32("bthc,bsc->bhts", q_lat_BxTxHxC, ckv_BxSxC)
+            + einsum_f32("bthr,bsr->bhts", q_pe_BxTxHxR, k_pe_BxSxR)
         ) * softmax_scale(c.qk_head_dim, c.rope_scaling)
         logits_BxHxTxS = jnp.where(mask, logits_BxHxTxS, -jnp.inf)
         probs = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(dt)
-        o_lat_BxTxHxC = jnp.einsum("bhts,bsc->bthc", probs, ckv_BxSxC, preferred_element_type=jnp.float32).astype(dt)
-        return jnp.einsum("bthc,cha->btha", o_lat_BxTxHxC, w_uv_CxHxA, preferred_element_type=jnp.float32).astype(dt)
+        # bf16 on XLA:CPU: this "bhts,bsc" dot is the one that crashed (DotThunk); see einsum_f32.
+        o_lat_BxTxHxC = einsum_f32("bhts,bsc->bthc", probs, ckv_BxSxC).astype(dt)
+        return einsum_f32("bthc,cha->btha", o_lat_BxTxHxC, w_uv_CxHxA).astype(dt)
 
     @nn.compact
     def __call__(self, x_BxTxD, cos, sin, mask, cache=None, index=None, absorbed=True):

@@ -27,6 +27,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.layers import einsum_f32  # bf16 operands, f32 accumulation, also on XLA:CPU
+
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "flash")  # flash: GPU only (gpu_kernels.py)
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512
@@ -119,7 +121,7 @@ def _unblocks(x):
 
 def _scores(q_blk, k_blk, scale):
     # q [B, bq, G, J, K], k [B, bk, G, K] -> [B, G, J, bq, bk] float32
-    return jnp.einsum("bqgjk,bsgk->bgjqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+    return einsum_f32("bqgjk,bsgk->bgjqs", q_blk, k_blk) * scale
 
 
 def _forward(q, k, v, seg_q, seg_k, dense, scale, causal, bq, bk, T, S):
@@ -144,8 +146,7 @@ def _forward(q, k, v, seg_q, seg_k, dense, scale, causal, bq, bk, T, S):
                 p = jnp.exp(s - m_safe[..., None])
                 corr = jnp.exp(jnp.where(jnp.isfinite(m), m, 0.0) - m_safe) * jnp.isfinite(m)
                 l = l * corr + p.sum(-1)
-                pv = jnp.einsum("bgjqs,bsga->bgjqa", p.astype(v_blk.dtype), v_blk,
-                                preferred_element_type=jnp.float32)
+                pv = einsum_f32("bgjqs,bsga->bgjqa", p.astype(v_blk.dtype), v_blk)
                 return m_new, l, acc * corr[..., None] + pv
 
             return jax.lax.cond(mask.skip(i, j), lambda c: c, update, carry), None
@@ -182,12 +183,11 @@ def _backward(q, k, v, seg_q, seg_k, dense, out, lse, d_out, scale, causal, bq, 
                 dk, dv = carry
                 s = _scores(q_blk, k_blk, scale)
                 p = jnp.where(mask(i, j), jnp.exp(s - lse_i[..., None]), 0.0)  # [B, G, J, bq, bk]
-                dv = dv + jnp.einsum("bgjqs,bqgja->bsga", p.astype(do_blk.dtype), do_blk,
-                                     preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqgja,bsga->bgjqs", do_blk, v_blk, preferred_element_type=jnp.float32)
+                dv = dv + einsum_f32("bgjqs,bqgja->bsga", p.astype(do_blk.dtype), do_blk)
+                dp = einsum_f32("bqgja,bsga->bgjqs", do_blk, v_blk)
                 ds = (p * (dp - delta_i[..., None]) * scale).astype(q_blk.dtype)
-                dk = dk + jnp.einsum("bgjqs,bqgjk->bsgk", ds, q_blk, preferred_element_type=jnp.float32)
-                dq = jnp.einsum("bgjqs,bsgk->bqgjk", ds, k_blk, preferred_element_type=jnp.float32)
+                dk = dk + einsum_f32("bgjqs,bqgjk->bsgk", ds, q_blk)
+                dq = einsum_f32("bgjqs,bsgk->bqgjk", ds, k_blk)
                 return (dk, dv), dq
 
             def skip(carry):
@@ -231,7 +231,7 @@ def _one_block(q, k, v, mask, scale):
     p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     l = p.sum(-1, keepdims=True)
     p = (p / jnp.where(l > 0, l, 1.0)).astype(v.dtype)
-    out = jnp.einsum("bgjqs,bsga->bqgja", p, v, preferred_element_type=jnp.float32)
+    out = einsum_f32("bgjqs,bsga->bqgja", p, v)
     return out.astype(v.dtype)
 
 

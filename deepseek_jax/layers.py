@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import gpu_kernels
 from deepseek_jax.config import ModelConfig, RopeScaling
 
 DEFAULT_INIT_STD = 0.02
@@ -32,15 +33,37 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(axes))
 
 
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """jnp.einsum(spec, a, b) accumulated in, and returned as, float32 for any operand dtype.
+
+    Why not just `preferred_element_type=float32`: XLA:CPU has no bf16 x bf16 -> f32 kernel
+    for a dot it leaves unfused ("UNIMPLEMENTED: DotThunk BF16 x BF16 = F32"), and which dots
+    stay unfused depends on shapes and on the surrounding graph (issue 15: bf16 MLA decode and
+    matmul_2d's backward). So when building for CPU the operands are upcast first. That is
+    exact, not an approximation: a product of two bf16 numbers is exact in f32 and the sum is
+    f32 either way, so the result equals bf16 operands with f32 accumulation, and a bf16 model
+    computes the same numbers on CPU as on GPU. On GPU/TPU (`gpu_kernels.target_platform()`,
+    which `plan --platform cuda` sets while lowering on a CPU host) bf16 operands go to the
+    tensor cores / MXU as they are, with f32 accumulation.
+    """
+    f32 = jnp.float32
+    if a.dtype == f32 and b.dtype == f32:
+        return jnp.einsum(spec, a, b)
+    if gpu_kernels.target_platform() == "cpu":
+        return jnp.einsum(spec, a.astype(f32), b.astype(f32))
+    return jnp.einsum(spec, a, b, preferred_element_type=f32)
+
+
 def matmul_2d(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-    """x @ kernel contracting x's last `n_in` dims with the kernel's first `n_in`, in float32.
+    """x @ kernel contracting x's last `n_in` dims with the kernel's first `n_in`, in float32
+    (operands in x's dtype; see `einsum_f32` for bf16 on CPU).
 
     Both sides are flattened to 2-D first: XLA:CPU lowers a dot with several free (batch, time)
     dims 2x slower than the same GEMM on [B*T, D] (the vocab head: 1.8 s vs 0.8 s fwd+bwd).
     """
     lead, k_in, k_out = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
     K = math.prod(k_in)
-    y = jnp.dot(x.reshape(-1, K), kernel.reshape(K, -1).astype(x.dtype), preferred_element_type=jnp.float32)
+    y = einsum_f32("mk,kn->mn", x.reshape(-1, K), kernel.reshape(K, -1).astype(x.dtype))
     return y.reshape(*lead, *k_out)
 
 
