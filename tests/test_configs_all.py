@@ -39,7 +39,11 @@ VARIANTS = {
     "deepseek_v2_lite": [None, "pretrain", "runlocal", "pretrain,runlocal"],
     "deepseek_v2": [None, "pretrain", "runlocal", "pretrain,runlocal"],
     "deepseek_v3": [None, "pretrain", "no_mtp", "runlocal", "pretrain,no_mtp", "runlocal,no_mtp"],
+    "post_train": [None, "sft", "grpo", "dpo"],
 }
+# Templates whose model comes from `init_from` (post_train.resolve_init_from replaces cfg.model);
+# built here with a stand-in for the checkpoint's MTP depth ("-1: the checkpoint's").
+TEMPLATE_OVERRIDES = {"post_train": ["model.num_mtp_layers=0", "data.path=your_rows.jsonl"]}
 # Variant words each docstring must mention (tiny_v3's "bf16" is an undocumented alias).
 DOCUMENTED = {name: sorted({p for v in vs if v for p in v.split(",")} - {"bf16"}) for name, vs in VARIANTS.items()}
 # Devices the paper-size configs are laid out for (their docstrings).
@@ -67,7 +71,7 @@ def _load_module(name):
 
 
 def _is_local(cfg) -> bool:
-    return cfg.model.hidden_size <= 512
+    return experiment.model_config(cfg).hidden_size <= 512
 
 
 def test_every_config_file_is_listed():
@@ -95,6 +99,7 @@ def test_get_config_signature_docstring_and_unknown_variant(name):
 def test_variant_builds_and_passes_the_trainer_preflight(name, arg):
     # The R1 student reads the rejection samples the pipeline writes; point it at a file.
     overrides = ["data.path=runs/demo/rejection/samples.jsonl"] if arg == "student" else []
+    overrides += TEMPLATE_OVERRIDES.get(name, [])
     cfg = experiment.load_config(_spec(name, arg), overrides)
     mc = experiment.model_config(cfg)
     experiment.optimizer_config(cfg)
@@ -105,12 +110,12 @@ def test_variant_builds_and_passes_the_trainer_preflight(name, arg):
     assert cfg.data.seq_len <= mc.max_position_embeddings
 
 
-LOCAL_CASES = [c for c in CASES if _is_local(experiment.load_config(_spec(*c)))]
+LOCAL_CASES = [c for c in CASES if _is_local(experiment.load_config(_spec(*c), TEMPLATE_OVERRIDES.get(c[0], [])))]
 
 
 @pytest.mark.parametrize("name, arg", LOCAL_CASES, ids=[f"{n}:{a or ''}" for n, a in LOCAL_CASES])
 def test_local_variant_forward_traces(name, arg):
-    cfg = experiment.load_config(_spec(name, arg))
+    cfg = experiment.load_config(_spec(name, arg), TEMPLATE_OVERRIDES.get(name, []))
     mc = experiment.model_config(cfg)
     model = Transformer(mc)
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
