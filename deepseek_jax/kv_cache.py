@@ -11,6 +11,9 @@ Layout: rows share slot indices, and ragged prompts are LEFT-padded. Padding slo
 invalid and masked out of attention; each row's RoPE position is the number of real tokens
 before it (`lengths`), so a padded row computes exactly what the prompt alone would. One
 shared write index keeps every update a single `dynamic_update_slice` in a decode loop.
+Speculative decoding advances rows by different amounts: there `index` is per row [B]
+(`per_row`), writes are per-row slices, and `truncate` rolls a row back after a rejected
+draft (its slots past the new index become invalid and the next write overwrites them).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from deepseek_jax.config import ModelConfig
 class KVCache:
     layers: tuple  # per layer: {"ckv": [B, S, C], "k_pe": [B, S, R]} (MLA) | {"k", "v": [B, S, G, K]} (MHA)
     valid: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
-    index: jax.Array  # [] int32: the next slot to write, the same for every row
+    index: jax.Array  # [] int32: the next slot to write, the same for every row ([B] after `per_row`)
 
     @property
     def max_len(self) -> int:
@@ -65,33 +68,66 @@ def bytes_per_token(config: ModelConfig, dtype="bfloat16") -> int:
 
 
 def write(buf_BxSx_: jax.Array, new_BxTx_: jax.Array, index: jax.Array) -> jax.Array:
-    """Store T new entries at slots [index, index + T)."""
-    return jax.lax.dynamic_update_slice_in_dim(buf_BxSx_, new_BxTx_.astype(buf_BxSx_.dtype), index, axis=1)
+    """Store T new entries at slots [index, index + T) (`index` [] shared, or [B] per row)."""
+    new_BxTx_ = new_BxTx_.astype(buf_BxSx_.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buf_BxSx_, new_BxTx_, index, axis=1)
+    return jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))(
+        buf_BxSx_, new_BxTx_, index)
+
+
+def attend_mask(valid_BxS: jax.Array, index: jax.Array, T: int) -> jax.Array:
+    """[B, 1, T, S]: queries at slots index + [0, T) see valid slots up to their own, and always
+    themselves (a padding query then has one finite logit, not a NaN row that would poison later
+    layers through 0 * NaN)."""
+    slot_S = jnp.arange(valid_BxS.shape[1])
+    query_BxT = jnp.reshape(index, (-1, 1)) + jnp.arange(T)  # [1 or B, T]
+    causal_BxTxS = slot_S <= query_BxT[..., None]
+    itself_BxTxS = slot_S == query_BxT[..., None]
+    return ((valid_BxS[:, None, :] & causal_BxTxS) | itself_BxTxS)[:, None]
+
+
+def per_row(cache: KVCache) -> KVCache:
+    """The same cache with a per-row write index [B] (what speculative decoding advances)."""
+    return cache.replace(index=jnp.broadcast_to(cache.index, cache.valid.shape[:1]).astype(jnp.int32))
+
+
+def truncate(cache: KVCache, index_B: jax.Array) -> KVCache:
+    """Roll each row back to `index_B` slots: later slots become invalid (so unseen by any query
+    and absent from `lengths`) and are overwritten by the row's next write."""
+    keep_BxS = jnp.arange(cache.max_len)[None] < index_B[:, None]
+    return cache.replace(valid=cache.valid & keep_BxS, index=index_B.astype(jnp.int32))
+
+
+def repeat_rows(cache: KVCache, n: int) -> KVCache:
+    """Each row repeated n times (row b -> rows b*n .. b*n+n-1): one prefill shared by n samples."""
+    rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+    index = cache.index if jnp.ndim(cache.index) == 0 else rep(cache.index)
+    return cache.replace(layers=jax.tree.map(rep, cache.layers), valid=rep(cache.valid), index=index)
 
 
 def append(cache: KVCache, valid_BxT: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
     """Mark T new slots; returns (cache with valid/index updated, positions [B, T], mask [B, 1, T, S]).
 
     Positions count real tokens per row (padding repeats the previous position, unused).
-    A query sees valid slots up to its own, and always itself: a padding query then has one
-    finite logit instead of a NaN row that would poison later layers through 0 * NaN.
     """
     T = valid_BxT.shape[1]
-    positions = cache.lengths[:, None] + jnp.cumsum(valid_BxT, axis=1, dtype=jnp.int32) - 1
-    positions = jnp.maximum(positions, 0)
-    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_BxT, cache.index, axis=1)
-    slot_S = jnp.arange(cache.max_len)
-    query_T = cache.index + jnp.arange(T)
-    causal_TxS = slot_S[None, :] <= query_T[:, None]
-    mask_BxTxS = (valid[:, None, :] & causal_TxS[None]) | (slot_S[None, :] == query_T[:, None])[None]
-    return cache.replace(valid=valid, index=cache.index + T), positions, mask_BxTxS[:, None]
+    positions = append_positions(cache, valid_BxT)
+    valid = write(cache.valid, valid_BxT, cache.index)
+    return cache.replace(valid=valid, index=cache.index + T), positions, attend_mask(valid, cache.index, T)
+
+
+def append_positions(cache: KVCache, valid_BxT: jax.Array) -> jax.Array:
+    """[B, T] RoPE positions of T tokens appended to `cache` (real tokens counted per row)."""
+    return jnp.maximum(cache.lengths[:, None] + jnp.cumsum(valid_BxT, axis=1, dtype=jnp.int32) - 1, 0)
 
 
 def check_room(cache: KVCache, T: int) -> None:
     """Static shapes cannot grow: a write past the end would silently clamp in XLA."""
-    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + T > cache.max_len:
-        raise ValueError(f"KV cache overflow: writing {T} tokens at slot {int(cache.index)} of a "
-                         f"{cache.max_len}-slot cache; allocate init_cache(..., max_len>={int(cache.index) + T})")
+    if not isinstance(cache.index, jax.core.Tracer) and int(jnp.max(cache.index)) + T > cache.max_len:
+        at = int(jnp.max(cache.index))
+        raise ValueError(f"KV cache overflow: writing {T} tokens at slot {at} of a "
+                         f"{cache.max_len}-slot cache; allocate init_cache(..., max_len>={at + T})")
 
 
 def cache_nbytes(cache: KVCache, layers: Optional[int] = None) -> int:

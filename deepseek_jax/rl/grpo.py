@@ -61,6 +61,8 @@ def default_grpo_config() -> ml_collections.ConfigDict:
         task=ml_collections.ConfigDict(dict(task="arithmetic", digits=(1, 2), ops="+-")),
         eval_problems=200,
         eval_temperature=0.0,  # 0 = greedy
+        speculative="",  # "mtp": MTP self-speculative rollouts (same distribution, fewer steps)
+        tis_cap=0.0,  # > 0: truncated importance sampling, weight min(pi_old_train / pi_sampler, cap)
         sample_texts=4,  # completions written to TensorBoard per log step
         # Your prompts and rewards (post_train.py): JSONL/Parquet files with a `prompt` or `messages`
         # column plus any others (passed to the rewards); "" = the embedded tasks above.
@@ -81,6 +83,7 @@ class Rollout:
     truncated: np.ndarray  # [B] hit max_new_tokens without a stop token
     batch: dict  # the GRPO training batch (numpy)
     informative: np.ndarray  # [P] groups with unequal rewards
+    mismatch: dict = dataclasses.field(default_factory=dict)  # sampler vs trainer log-prob metrics
 
 
 def encode_prompts(tokenizer, problems: Sequence[dict], max_prompt_len: int) -> list[list[int]]:
@@ -116,7 +119,9 @@ class GRPO:
         # the training dispatch: a sample must not depend on the other rows of its batch.
         self.inference_model = inference_model(parts.model)
         self.sampler = Sampler(self.inference_model, self.g.max_prompt_len, self.g.max_new_tokens,
-                               pad_id=tokenizer.pad_id)
+                               pad_id=tokenizer.pad_id, speculative=self.g.get("speculative") or None)
+        self.tis_cap = float(self.g.get("tis_cap", 0.0))
+        self._train_logprobs = jax.jit(self._train_logprobs_impl)
         loss_cfg = losses.LossConfig.coerce(dict(cfg.get("loss_config", {})))
         self.beta, self.policy_temperature = loss_cfg.beta, loss_cfg.policy_temperature
         if self.policy_temperature != self.g.temperature:
@@ -140,6 +145,21 @@ class GRPO:
                                          segment_ids=batch["segment_ids"])
         return losses.token_logprobs(out.logits / self.policy_temperature, batch["targets"])[0]
 
+    def _train_logprobs_impl(self, params, batch):
+        out = self.parts.model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                                     segment_ids=batch["segment_ids"])
+        return losses.token_logprobs(out.logits, batch["targets"])[0]
+
+    def train_logprobs(self, params, batch: dict) -> np.ndarray:
+        """log pi(target) at temperature 1 from the trainer's model (its MoE dispatch): the
+        trainer's view of the rollout policy, compared with the sampler's every step."""
+        from deepseek_jax.trainer import global_batch
+
+        keys = ("tokens", "positions", "segment_ids", "targets")
+        with self._in_mesh():
+            return np.asarray(self._train_logprobs(params, global_batch({k: batch[k] for k in keys},
+                                                                       self.parts.mesh)))
+
     def logprobs(self, params, batch: dict) -> np.ndarray:
         """log pi(target) at the policy temperature for every column of a GRPO batch."""
         from deepseek_jax.trainer import global_batch  # the trainer's host -> global array helper
@@ -149,17 +169,20 @@ class GRPO:
             return np.asarray(self._logprobs(params, global_batch({k: batch[k] for k in keys},
                                                                  self.parts.mesh)))
 
-    def generate(self, params, problems: Sequence[dict], rng, *, temperature: float):
+    def generate(self, params, problems: Sequence[dict], rng, *, temperature: float, num_samples: int = 1):
+        """`num_samples` completions per problem (rows problem-major), one prefill per problem."""
         prompts = encode_prompts(self.tokenizer, problems, self.g.max_prompt_len)
         with self._in_mesh():
             return self.sampler.generate(params, prompts, rng, temperature=temperature, top_p=self.g.top_p,
-                                         top_k=self.g.top_k, stop_tokens=[self.tokenizer.eos_id])
+                                         top_k=self.g.top_k, stop_tokens=[self.tokenizer.eos_id],
+                                         num_samples=num_samples)
 
     def rollout(self, params, problems: Sequence[dict], rng) -> Rollout:
         """G samples per problem, their rewards, advantages and the training batch."""
         G = self.g.group_size
         rows = [p for p in problems for _ in range(G)]
-        sample = jax.device_get(self.generate(params, rows, rng, temperature=self.g.temperature))
+        sample = jax.device_get(self.generate(params, problems, rng, temperature=self.g.temperature,
+                                              num_samples=G))
         texts = completion_texts(self.tokenizer, sample)
         per_reward, _ = self.scorer(rows, texts)  # failures score 0, are logged, and are limited
         total = np.sum(list(per_reward.values()), axis=0).astype(np.float32)
@@ -175,10 +198,23 @@ class GRPO:
         if self.g.mask_truncated:
             keep &= ~truncated
         batch = adv_lib.build_grpo_batch(*jax.device_get(sample.sequences()), sample.logprobs, advantages, keep)
+        # The sampler (cached decode, other shapes, dropless dispatch) and the trainer disagree
+        # slightly, MoE routing amplifying it (a token near a top-k boundary takes another
+        # expert): logged every step, and corrected for with grpo.tis_cap.
+        sampler_logp = batch["old_logprobs"]
+        completion = np.asarray(sample.sequences()[3])[:, 1:]  # targets that are completion tokens
+        train_logp = self.train_logprobs(params, batch)
+        mismatch = sampler_mismatch(sampler_logp, train_logp, completion)
         if self.policy_temperature != 1.0:
             # The sampler reports temperature-1 log-probs; the policy here is the tempered one.
             batch["old_logprobs"] = self.logprobs(params, batch) * batch["loss_mask"]
-        return Rollout(list(problems), texts, total, per_reward, lengths, truncated, batch, informative)
+        if self.tis_cap > 0:
+            # Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly
+            # brings you off-policy RL training"): per token min(pi_old_train / pi_sampler, C), both
+            # at temperature 1 (the sampler's log-probs).
+            log_w = np.where(completion, train_logp - sampler_logp, 0.0)
+            batch["tis_weight"] = np.minimum(np.exp(log_w), self.tis_cap).astype(np.float32)
+        return Rollout(list(problems), texts, total, per_reward, lengths, truncated, batch, informative, mismatch)
 
     def reference_logprobs(self, ref_params, batch: dict) -> np.ndarray:
         if not self.beta:
@@ -206,10 +242,21 @@ class GRPO:
         return state, record, ro
 
 
+def sampler_mismatch(sampler_logp, train_logp, mask) -> dict:
+    """max and mean |log pi_sampler - log pi_old_train| over completion tokens, and the mismatch
+    KL(pi_sampler || pi_old_train) estimated on the sampled tokens (k3, always >= 0)."""
+    m = np.asarray(mask) > 0
+    if not m.any():
+        return {"logp_mismatch_max": 0.0, "logp_mismatch_mean": 0.0, "mismatch_kl": 0.0}
+    d = (np.asarray(train_logp, np.float64) - np.asarray(sampler_logp, np.float64))[m]
+    return {"logp_mismatch_max": float(np.abs(d).max()), "logp_mismatch_mean": float(np.abs(d).mean()),
+            "mismatch_kl": float(np.mean(np.exp(d) - d - 1.0))}
+
+
 def rollout_metrics(ro: Rollout) -> dict:
     out = {"reward_mean": float(ro.rewards.mean()), "reward_std": float(ro.rewards.std()),
            "completion_length": float(ro.lengths.mean()), "truncated_frac": float(ro.truncated.mean()),
-           "informative_groups": float(ro.informative.mean())}
+           "informative_groups": float(ro.informative.mean()), **ro.mismatch}
     for name, values in ro.per_reward.items():
         out[f"reward/{name}"] = float(values.mean())
     if _is_user_row(ro.problems[0]):

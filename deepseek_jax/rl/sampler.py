@@ -15,6 +15,10 @@ Log-probabilities are the model's log-softmax at temperature 1 over the full voc
 evaluated at the sampled token, whatever temperature / top-k / top-p drew it: the
 old-policy log-probs GRPO's ratio needs (pi_old(o_t | ...)), not the sampling distribution's.
 Greedy decoding is temperature 0. Sampling is a pure function of (params, prompts, rng).
+
+`speculative="mtp"`: MTP self-speculative decoding (rl/speculative.py): the same output
+distribution (greedy: the same tokens) in fewer main-model steps. `generate(num_samples=G)`:
+G samples per prompt share one prefill (rows b*G .. b*G+G-1 belong to prompt b), as GRPO wants.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import numpy as np
 
 from deepseek_jax import kv_cache
 from deepseek_jax.model import Transformer
+from deepseek_jax.rl import speculative as spec
 
 MAX_STOP_TOKENS = 8  # stop tokens are padded to this many slots so their number never recompiles
 
@@ -40,6 +45,9 @@ class SampleOutput:
     mask: jax.Array  # [B, N] bool: sampled tokens, the stop token included
     lengths: jax.Array  # [B] int32 = mask.sum(1)
     logprobs: jax.Array  # [B, N] float32 log pi(token) at temperature 1; 0 where ~mask
+    # speculative="mtp" only: per row, drafts verified and drafts accepted (else None)
+    drafts: Optional[jax.Array] = None
+    accepted: Optional[jax.Array] = None
 
     def sequences(self):
         """The prompt + completion as one training batch for `model.apply` (e.g. GRPO):
@@ -101,27 +109,38 @@ class Sampler:
     is always prefilled expanded (compute-bound there, where absorbing costs C/N more FLOPs).
     `vocab_limit`: never sample ids >= it (a checkpoint's embedding rows past the tokenizer's
     vocabulary); the reported log-probs stay the model's full-vocabulary log-softmax.
+    `speculative`: None (one token per step) or "mtp" (rl/speculative.py; needs MTP modules).
     """
 
     def __init__(self, model: Transformer, max_prompt_len: int, max_new_tokens: int, pad_id: int = 0,
-                 absorbed: bool = True, cache_dtype=None, vocab_limit: Optional[int] = None):
+                 absorbed: bool = True, cache_dtype=None, vocab_limit: Optional[int] = None,
+                 speculative: Optional[str] = None):
         if max_prompt_len < 1 or max_new_tokens < 1:
             raise ValueError(f"need max_prompt_len >= 1 and max_new_tokens >= 1; got "
                              f"{max_prompt_len}, {max_new_tokens}")
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative={speculative!r}: use None or 'mtp'")
+        if speculative == "mtp" and not model.config.num_mtp_layers:
+            raise ValueError("speculative='mtp' drafts with MTP module 0; the model has num_mtp_layers=0 "
+                             "(use speculative=None, or a config with num_mtp_layers >= 1)")
         self.model, self.pad_id, self.absorbed = model, pad_id, absorbed
         self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
-        self.cache_dtype, self.vocab_limit = cache_dtype, vocab_limit
-        self._generate = jax.jit(self._generate_impl)
+        self.cache_dtype, self.vocab_limit, self.speculative = cache_dtype, vocab_limit, speculative
+        self._generate = jax.jit(self._generate_impl, static_argnames="num_samples")
         self._mtp_hits = jax.jit(self._mtp_hits_impl)
 
     def generate(self, params, prompts: Union[Sequence[Sequence[int]], np.ndarray, jax.Array], rng: jax.Array, *,
                  prompt_lengths: Optional[Union[np.ndarray, jax.Array]] = None, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, stop_tokens: Sequence[int] = ()) -> SampleOutput:
+                 top_p: float = 1.0, top_k: int = 0, stop_tokens: Sequence[int] = (),
+                 num_samples: int = 1) -> SampleOutput:
         """Samples up to max_new_tokens per row; a row stops after emitting any `stop_tokens`.
 
         `prompts`: a list of token-id lists, or an already left-padded int array [B, P] with
-        `prompt_lengths` [B] (P == max_prompt_len).
+        `prompt_lengths` [B] (P == max_prompt_len). `num_samples` = G: each prompt is prefilled
+        once and sampled G times; the output has B * G rows, prompt b's at b*G .. b*G+G-1.
         """
+        if num_samples < 1:
+            raise ValueError(f"num_samples={num_samples}: need >= 1 samples per prompt")
         if isinstance(prompts, (list, tuple)):
             tokens, lengths = left_pad(prompts, self.max_prompt_len, self.pad_id)
         else:
@@ -134,7 +153,8 @@ class Sampler:
             raise ValueError(f"{len(stop)} stop tokens; at most {MAX_STOP_TOKENS} (MAX_STOP_TOKENS)")
         stop_S = jnp.asarray(stop + [-1] * (MAX_STOP_TOKENS - len(stop)), jnp.int32)
         return self._generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), rng,
-                              jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), stop_S)
+                              jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), stop_S,
+                              num_samples=num_samples)
 
     def mtp_draft_acceptance(self, params, greedy: SampleOutput) -> dict:
         """How often the first MTP module drafts the main model's next greedy token.
@@ -160,20 +180,38 @@ class Sampler:
         hits = counted & (draft_BxS[:, :-2] == tokens_BxS[:, 2:])
         return jnp.sum(hits), jnp.sum(counted)
 
-    def _generate_impl(self, params, prompt_BxP, lengths_B, rng, temperature, top_p, top_k, stop_S):
-        B, P = prompt_BxP.shape
-        N = self.max_new_tokens
+    def _allowed(self, logits_BxV):
+        if self.vocab_limit is None:
+            return logits_BxV
+        return jnp.where(jnp.arange(logits_BxV.shape[-1]) < self.vocab_limit, logits_BxV, -jnp.inf)
+
+    def _generate_impl(self, params, prompt_BxP, lengths_B, rng, temperature, top_p, top_k, stop_S, num_samples):
+        P, N, G = prompt_BxP.shape[1], self.max_new_tokens, num_samples
         apply = functools.partial(self.model.apply, {"params": params})
         valid_BxP = jnp.arange(P)[None] >= P - lengths_B[:, None]
-        # N - 1 decode steps: the last sampled token is never fed back.
-        cache = kv_cache.init_cache(self.model.config, B, P + N - 1, self.cache_dtype)
+        # Plain: N - 1 decode steps (the last sampled token is never fed back). Speculative: a
+        # row still decoding has m <= P + N - 2 and writes slots m, m + 1; a finished row keeps
+        # its index, one slot of slack keeps its (ignored) writes inside the buffer.
+        slots = P + N + 1 if self.speculative else P + N - 1
+        cache = kv_cache.init_cache(self.model.config, prompt_BxP.shape[0], slots, self.cache_dtype)
         out, cache = apply(prompt_BxP, segment_ids=valid_BxP.astype(jnp.int32), cache=cache, absorbed=False)
+        if self.speculative:
+            mtp_layer = spec.init_mtp_layer(self.model.config, prompt_BxP.shape[0], slots, self.cache_dtype)
+            mtp_layer = spec.mtp_prefill(self.model.config, params, out.hidden, prompt_BxP, valid_BxP, cache,
+                                        mtp_layer)
+        # Left padding puts every row's last prompt token in the last column.
+        last_logits_BxV, last_hidden_BxD = out.logits[:, -1], out.hidden[:, -1]
+        if G > 1:  # the group's samples share the prefill: broadcast its results to G rows each
+            rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731
+            cache = kv_cache.repeat_rows(cache, G)
+            prompt_BxP, lengths_B, last_logits_BxV, last_hidden_BxD = map(
+                rep, (prompt_BxP, lengths_B, last_logits_BxV, last_hidden_BxD))
+            if self.speculative:
+                mtp_layer = jax.tree.map(rep, mtp_layer)
+        B = prompt_BxP.shape[0]
 
         def pick(i, logits_BxV, done_B, tokens_BxN, logprobs_BxN):
-            allowed = logits_BxV
-            if self.vocab_limit is not None:
-                allowed = jnp.where(jnp.arange(logits_BxV.shape[-1]) < self.vocab_limit, logits_BxV, -jnp.inf)
-            token_B = sample_tokens(allowed, jax.random.fold_in(rng, i), temperature, top_k, top_p)
+            token_B = sample_tokens(self._allowed(logits_BxV), jax.random.fold_in(rng, i), temperature, top_k, top_p)
             logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
             token_B = jnp.where(done_B, self.pad_id, token_B)
             tokens_BxN = tokens_BxN.at[:, i].set(token_B)
@@ -183,23 +221,91 @@ class Sampler:
 
         done0 = jnp.zeros((B,), bool)
         tokens0 = jnp.full((B, N), self.pad_id, jnp.int32)
-        # Left padding puts every row's last prompt token in the last column.
-        state = (jnp.int32(1), cache) + pick(0, out.logits[:, -1], done0, tokens0, jnp.zeros((B, N), jnp.float32))
+        first = pick(0, last_logits_BxV, done0, tokens0, jnp.zeros((B, N), jnp.float32))
+        extra = {}
+        if self.speculative:
+            tokens_BxN, logprobs_BxN, extra = self._speculative_loop(
+                params, cache, mtp_layer, last_hidden_BxD, first, rng, temperature, top_p, top_k, stop_S)
+        else:
+            def cond(state):
+                i, _, _, done_B, _, _ = state
+                return (i < N) & ~jnp.all(done_B)
 
-        def cond(state):
-            i, _, _, done_B, _, _ = state
-            return (i < N) & ~jnp.all(done_B)
+            def body(state):
+                i, cache, token_B, done_B, tokens_BxN, logprobs_BxN = state
+                out, cache = apply(token_B[:, None], cache=cache, absorbed=self.absorbed)
+                return (i + 1, cache) + pick(i, out.logits[:, 0], done_B, tokens_BxN, logprobs_BxN)
 
-        def body(state):
-            i, cache, token_B, done_B, tokens_BxN, logprobs_BxN = state
-            out, cache = apply(token_B[:, None], cache=cache, absorbed=self.absorbed)
-            return (i + 1, cache) + pick(i, out.logits[:, 0], done_B, tokens_BxN, logprobs_BxN)
-
-        _, _, _, _, tokens_BxN, logprobs_BxN = jax.lax.while_loop(cond, body, state)
+            _, _, _, _, tokens_BxN, logprobs_BxN = jax.lax.while_loop(cond, body, (jnp.int32(1), cache) + first)
         # A position is sampled iff no stop token came strictly before it.
         stopped_BxN = jnp.isin(tokens_BxN, stop_S)
         mask_BxN = jnp.cumsum(stopped_BxN, axis=1) - stopped_BxN == 0
         tokens_BxN = jnp.where(mask_BxN, tokens_BxN, self.pad_id)
         return SampleOutput(prompt_tokens=prompt_BxP, prompt_lengths=lengths_B, tokens=tokens_BxN, mask=mask_BxN,
                             lengths=mask_BxN.sum(axis=1, dtype=jnp.int32),
-                            logprobs=jnp.where(mask_BxN, logprobs_BxN, 0.0))
+                            logprobs=jnp.where(mask_BxN, logprobs_BxN, 0.0), **extra)
+
+    def _speculative_loop(self, params, cache, mtp_layer, last_hidden_BxD, first, rng, temperature, top_p, top_k,
+                          stop_S):
+        """The verify / accept / roll back / draft loop of rl/speculative.py -> (tokens, logprobs, counts)."""
+        c, N = self.model.config, self.max_new_tokens
+        token_B, done_B, tokens_BxN, logprobs_BxN = first
+        B = token_B.shape[0]
+        rows_B = jnp.arange(B)
+        cache = kv_cache.per_row(cache)
+        # MTP at the last prompt position (hidden h_{P-1}, token s_P) drafts s_{P+1}; it overwrites
+        # the placeholder mtp_prefill left in that slot.
+        logits, mtp_layer = spec.draft_logits(c, params, last_hidden_BxD[:, None], token_B[:, None], cache,
+                                              cache.index - 1, cache.lengths - 1, jnp.ones((B, 1), bool), mtp_layer,
+                                              self.absorbed)
+        draft_B = jnp.argmax(self._allowed(logits[:, 0]), axis=-1).astype(jnp.int32)
+        n_B = jnp.ones((B,), jnp.int32)  # tokens emitted so far
+        zeros_B = jnp.zeros((B,), jnp.int32)
+
+        def emit(buf_BxN, at_B, value_B, on_B):
+            # Out-of-range slots (rows not emitting) are dropped, not clamped onto real ones.
+            return buf_BxN.at[rows_B, jnp.where(on_B, at_B, N)].set(value_B, mode="drop")
+
+        def cond(state):
+            step, done_B = state[0], state[5]
+            return (step < N) & ~jnp.all(done_B)
+
+        def body(state):
+            step, cache, mtp_layer, token_B, draft_B, done_B, n_B, tokens_BxN, logprobs_BxN, drafts_B, hits_B = state
+            index_B, lengths_B = cache.index, cache.lengths
+            out, cache = self.model.apply({"params": params}, jnp.stack([token_B, draft_B], axis=1), cache=cache,
+                                          absorbed=self.absorbed)
+            logits_Bx2xV = self._allowed(out.logits)
+            k_accept, k_bonus = jax.random.split(jax.random.fold_in(rng, step))
+            accepted_B, tok1_B = spec.accept_draft(logits_Bx2xV[:, 0], draft_B, k_accept, temperature, top_k, top_p,
+                                                   filter_logits)
+            tok2_B = sample_tokens(logits_Bx2xV[:, 1], k_bonus, temperature, top_k, top_p)
+            logp_Bx2xV = jax.nn.log_softmax(out.logits, axis=-1)
+            logp1_B = jnp.take_along_axis(logp_Bx2xV[:, 0], tok1_B[:, None], axis=-1)[:, 0]
+            logp2_B = jnp.take_along_axis(logp_Bx2xV[:, 1], tok2_B[:, None], axis=-1)[:, 0]
+            active_B = ~done_B
+            # The bonus token counts only after an accepted draft that is not a stop token, within N.
+            two_B = active_B & accepted_B & ~jnp.isin(tok1_B, stop_S) & (n_B + 1 < N)
+            tokens_BxN = emit(emit(tokens_BxN, n_B, tok1_B, active_B), n_B + 1, tok2_B, two_B)
+            logprobs_BxN = emit(emit(logprobs_BxN, n_B, logp1_B, active_B), n_B + 1, logp2_B, two_B)
+            advance_B = active_B.astype(jnp.int32) + two_B
+            cache = kv_cache.truncate(cache, index_B + advance_B)
+            # MTP on the new positions m (and m + 1): h from the verify forward, the token after each.
+            logits, mtp_layer = spec.draft_logits(c, params, out.hidden, jnp.stack([tok1_B, tok2_B], axis=1), cache,
+                                                  index_B, lengths_B, jnp.stack([active_B, two_B], axis=1),
+                                                  mtp_layer, self.absorbed)
+            new_draft_B = jnp.argmax(jnp.where(two_B[:, None], self._allowed(logits[:, 1]),
+                                               self._allowed(logits[:, 0])), axis=-1).astype(jnp.int32)
+            last_B = jnp.where(two_B, tok2_B, tok1_B)
+            n_B = n_B + advance_B
+            stopped_B = jnp.isin(last_B, stop_S) | jnp.isin(tok1_B, stop_S)
+            done_B = done_B | (active_B & (stopped_B | (n_B >= N)))
+            return (step + 1, cache, mtp_layer, jnp.where(active_B, last_B, token_B),
+                    jnp.where(active_B, new_draft_B, draft_B), done_B, n_B, tokens_BxN, logprobs_BxN,
+                    drafts_B + active_B, hits_B + (active_B & accepted_B))
+
+        done_B = done_B | (n_B >= N)
+        state = (jnp.int32(1), cache, mtp_layer, token_B, draft_B, done_B, n_B, tokens_BxN, logprobs_BxN,
+                 zeros_B, zeros_B)
+        state = jax.lax.while_loop(cond, body, state)
+        return state[7], state[8], {"drafts": state[9], "accepted": state[10]}

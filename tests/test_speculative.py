@@ -1,0 +1,266 @@
+"""MTP self-speculative decoding and shared prefill (rl/speculative.py, Sampler(speculative="mtp")).
+
+Oracles: the plain sampler (greedy tokens); the training forward's MTP logits (the cached MTP
+drafts); a cache that never saw the rejected draft; the closed-form distribution of the next
+two tokens from full forwards over every prefix (chi-square), which a wrong accept rule fails.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from deepseek_jax import kv_cache
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import Transformer, init_params
+from deepseek_jax.rl import sampler as sampler_lib
+from deepseek_jax.rl import speculative as spec
+
+MLA = ModelConfig(vocab_size=6, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
+                  kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
+                  scoring_func="sigmoid", norm_topk_prob=True, router_bias=True, num_mtp_layers=1)
+GQA = ModelConfig(vocab_size=6, hidden_size=32, num_hidden_layers=2, intermediate_size=48, attention="mha",
+                  num_attention_heads=4, num_key_value_heads=2, num_mtp_layers=1)
+P, N = 8, 12
+PROMPTS = [[1, 2, 3, 4, 5], [3], [5, 1, 2, 3, 4, 5, 1, 2]]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _params(config, scale):
+    # Scaled up from the 0.02 init so next-token distributions are far from uniform.
+    return jax.tree.map(lambda p: p * scale if p.ndim >= 2 else p, init_params(config, jax.random.key(1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler(config, max_prompt_len, max_new_tokens, speculative):
+    return sampler_lib.Sampler(Transformer(config), max_prompt_len, max_new_tokens, speculative=speculative)
+
+
+def _repeating_mtp(params):
+    """MTP module 0 made to draft the token it is given (its block an identity, its input the main
+    hidden state): greedy decodes of these small models repeat tokens, so such drafts are often
+    right and often wrong, and both the accept and the roll-back branch run."""
+    D = params["embed"]["embedding"].shape[1]
+
+    def edit(path, x):
+        name = jax.tree_util.keystr(path)
+        if "mtp_0" not in name:
+            return x
+        if "eh_proj" in name:  # [embedding; hidden] -> hidden
+            return jnp.concatenate([jnp.zeros((D, D)), jnp.eye(D)], axis=0).reshape(x.shape)
+        if "o_proj" in name or "down_proj" in name:  # the block adds nothing to the residual
+            return jnp.zeros_like(x)
+        return x
+
+    params = jax.tree_util.tree_map_with_path(edit, params)
+    params["mtp_0"]["final_norm"] = params["final_norm"]
+    return params
+
+
+@pytest.mark.parametrize("config", [MLA, GQA], ids=["mla", "gqa"])
+def test_greedy_speculative_equals_plain(config):
+    params = _repeating_mtp(_params(config, 6.0))
+    plain, fast = _sampler(config, P, N, None), _sampler(config, P, N, "mtp")
+    ref = plain.generate(params, PROMPTS, jax.random.key(0), temperature=0.0)
+    out = fast.generate(params, PROMPTS, jax.random.key(0), temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+    # Both branches ran: some drafts accepted (two tokens per step), some rejected (roll back).
+    drafts, accepted = int(out.drafts.sum()), int(out.accepted.sum())
+    assert 0 < accepted < drafts, (accepted, drafts)
+    assert drafts < len(PROMPTS) * (N - 1)  # fewer verify steps than plain decode steps
+    # Stop tokens: rows stop at different steps, some right after an accepted draft.
+    for stop in ([int(ref.tokens[0, 2])], [int(ref.tokens[1, 4]), int(ref.tokens[2, 7])]):
+        ref_s = plain.generate(params, PROMPTS, jax.random.key(0), temperature=0.0, stop_tokens=stop)
+        out_s = fast.generate(params, PROMPTS, jax.random.key(0), temperature=0.0, stop_tokens=stop)
+        np.testing.assert_array_equal(np.asarray(out_s.tokens), np.asarray(ref_s.tokens))
+        np.testing.assert_array_equal(np.asarray(out_s.mask), np.asarray(ref_s.mask))
+        assert int(ref_s.lengths.min()) < N
+
+
+def test_shared_prefill_equals_repeated_prompts():
+    params = _params(MLA, 6.0)
+    G = 3
+    for speculative in (None, "mtp"):
+        sampler = _sampler(MLA, P, N, speculative)
+        shared = sampler.generate(params, PROMPTS, jax.random.key(0), temperature=0.0, num_samples=G)
+        repeated = sampler.generate(params, [p for p in PROMPTS for _ in range(G)], jax.random.key(0),
+                                    temperature=0.0)
+        np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(repeated.tokens))
+        np.testing.assert_array_equal(np.asarray(shared.prompt_tokens), np.asarray(repeated.prompt_tokens))
+        np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(repeated.logprobs), atol=1e-5)
+        drawn = sampler.generate(params, PROMPTS, jax.random.key(0), temperature=1.0, num_samples=G)
+        assert len({tuple(r) for r in np.asarray(drawn.tokens)}) > len(PROMPTS)  # the group's samples differ
+
+
+@pytest.mark.parametrize("config", [MLA, GQA], ids=["mla", "gqa"])
+def test_cached_mtp_drafts_equal_training_forward(config):
+    """MTP through its cache (prefill, then one position, then two) == the full forward's MTP logits."""
+    model, params = Transformer(config), _params(config, 6.0)
+    prompts, lengths = sampler_lib.left_pad(PROMPTS, P, 0)
+    seq = np.concatenate([prompts, np.array([[1, 4, 2], [0, 5, 5], [3, 3, 1]])], axis=1)  # P + 3 columns
+    valid = np.arange(P + 3)[None] >= P - lengths[:, None]
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    full = model.apply({"params": params}, seq, positions=positions, segment_ids=valid.astype(np.int32))
+    want = np.asarray(full.mtp_logits[0])  # column j predicts token j + 2
+
+    B = len(PROMPTS)
+    cache = kv_cache.init_cache(config, B, P + 4)
+    layer = spec.init_mtp_layer(config, B, P + 4)
+    out, cache = model.apply({"params": params}, seq[:, :P], segment_ids=valid[:, :P].astype(np.int32),
+                             cache=cache, absorbed=False)
+    layer = spec.mtp_prefill(config, params, out.hidden, seq[:, :P], valid[:, :P], cache, layer)
+    cache = kv_cache.per_row(cache)
+    got, layer = spec.draft_logits(config, params, out.hidden[:, -1:], seq[:, P:P + 1], cache, cache.index - 1,
+                                   cache.lengths - 1, np.ones((B, 1), bool), layer)
+    np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, P - 1], atol=1e-4)
+    index, lengths = cache.index, cache.lengths
+    out, cache = model.apply({"params": params}, seq[:, P:P + 2], cache=cache)
+    got, layer = spec.draft_logits(config, params, out.hidden, seq[:, P + 1:P + 3], cache, index, lengths,
+                                   np.ones((B, 2), bool), layer)
+    np.testing.assert_allclose(np.asarray(got), want[:, P:P + 2], atol=1e-4)
+
+
+def test_cache_after_rejected_draft_equals_cache_that_never_saw_it():
+    config = MLA
+    model, params = Transformer(config), _params(config, 6.0)
+    prompts, lengths = sampler_lib.left_pad(PROMPTS, P, 0)
+    B = len(PROMPTS)
+    apply = functools.partial(model.apply, {"params": params})
+    cache = kv_cache.init_cache(config, B, P + 3)
+    _, cache = apply(prompts, segment_ids=(np.arange(P)[None] >= P - lengths[:, None]).astype(np.int32),
+                     cache=cache, absorbed=False)
+    cache = kv_cache.per_row(cache)
+    token, draft, after = np.array([[1], [2], [3]]), np.array([[4], [5], [0]]), np.array([[2], [2], [5]])
+    _, spec_cache = apply(np.concatenate([token, draft], axis=1), cache=cache)
+    spec_cache = kv_cache.truncate(spec_cache, cache.index + 1)  # every draft rejected
+    _, never = apply(token, cache=cache)
+    np.testing.assert_array_equal(np.asarray(spec_cache.valid), np.asarray(never.valid))
+    np.testing.assert_array_equal(np.asarray(spec_cache.index), np.asarray(never.index))
+    seen = np.arange(P + 3) < np.asarray(never.index)[:, None]
+    for a, b in zip(jax.tree.leaves(spec_cache.layers), jax.tree.leaves(never.layers)):
+        np.testing.assert_allclose(np.asarray(a)[seen], np.asarray(b)[seen], atol=1e-6)
+    # The next token overwrites the rejected slot: the caches are then equal everywhere.
+    out_s, spec_cache = apply(after, cache=spec_cache)
+    out_n, never = apply(after, cache=never)
+    np.testing.assert_allclose(np.asarray(out_s.logits), np.asarray(out_n.logits), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(spec_cache), jax.tree.leaves(never)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def _next_two_distribution(model, params, prompt, top_k):
+    """Closed form P(s_1, s_2) [V, V] of completion tokens 1 and 2 (token 0 summed out) at temperature
+    1: full forwards over every two-token continuation, filtered with top-k in numpy."""
+    V = model.config.vocab_size
+    s0, s1 = np.meshgrid(np.arange(V), np.arange(V), indexing="ij")
+    seq = np.concatenate([np.tile(prompt, (V * V, 1)), s0.reshape(-1, 1), s1.reshape(-1, 1)], axis=1)
+    logits = np.asarray(model.apply({"params": params}, seq).logits, np.float64)[:, len(prompt) - 1:]
+
+    def probs(x):
+        if top_k:
+            x = np.where(x >= np.sort(x, axis=-1)[..., -top_k][..., None], x, -np.inf)
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p0 = probs(logits[0, 0])  # [V]
+    p1 = probs(logits[:, 1]).reshape(V, V, V)[:, 0]  # [s0, s1]: rows with the same s0 agree
+    p2 = probs(logits[:, 2]).reshape(V, V, V)  # [s0, s1, s2]
+    return np.einsum("a,ab,abc->bc", p0, p1, p2)
+
+
+def _chi2_pvalue(tokens, want_VxV):
+    V = want_VxV.shape[0]
+    counts = np.bincount(tokens[:, 1] * V + tokens[:, 2], minlength=V * V).astype(np.float64)
+    expected = want_VxV.reshape(-1) * len(tokens)
+    big = expected >= 5  # pool the sparse cells into one
+    f_obs = np.append(counts[big], counts[~big].sum())
+    f_exp = np.append(expected[big], expected[~big].sum())
+    keep = f_exp > 0
+    return stats.chisquare(f_obs[keep], f_exp[keep] * f_obs[keep].sum() / f_exp[keep].sum()).pvalue
+
+
+def _wrong_accept(logits_BxV, draft_B, key, temperature, top_k, top_p, filter_logits):
+    """A classic bug: on rejection, redraw from p itself instead of p with the draft removed."""
+    k_accept, k_residual = jax.random.split(key)
+    filtered = filter_logits(logits_BxV, temperature, top_k, top_p)
+    p_draft = jnp.take_along_axis(jax.nn.softmax(filtered, axis=-1), draft_B[:, None], axis=-1)[:, 0]
+    accepted = jax.random.uniform(k_accept, draft_B.shape) < p_draft
+    return accepted, jnp.where(accepted, draft_B, jax.random.categorical(k_residual, filtered)).astype(jnp.int32)
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_sampled_next_two_tokens_match_closed_form(top_k, monkeypatch):
+    config = MLA
+    model, params = Transformer(config), _params(config, 2.0)
+    prompt = [1, 2, 3, 4]
+    want = _next_two_distribution(model, params, np.array(prompt), top_k)
+    draws = 2000
+
+    def sample(speculative, fresh=False):
+        sampler = (sampler_lib.Sampler(model, len(prompt), 3, speculative=speculative) if fresh
+                   else _sampler(config, len(prompt), 3, speculative))
+        out = sampler.generate(params, [prompt], jax.random.key(11), temperature=1.0, top_k=top_k,
+                               num_samples=draws)
+        return np.asarray(out.tokens), out
+
+    plain, _ = sample(None)
+    fast, out = sample("mtp")
+    assert 0 < int(out.accepted.sum()) < int(out.drafts.sum())
+    assert _chi2_pvalue(plain, want) > 1e-3
+    assert _chi2_pvalue(fast, want) > 1e-3
+    monkeypatch.setattr(spec, "accept_draft", _wrong_accept)
+    wrong, _ = sample("mtp", fresh=True)  # traced again, with the wrong rule
+    assert _chi2_pvalue(wrong, want) < 1e-6
+
+
+def test_speculative_logprobs_match_training_forward_and_mismatch_metric():
+    """The returned log-probs are the target model's temperature-1 log-probs: the trainer's forward
+    over the sampled sequences agrees (float32: mismatch ~0), and grpo.sampler_mismatch says so;
+    shifting one token's log-prob by 0.5 shows up as max 0.5 and the closed-form k3 KL."""
+    from deepseek_jax.rl import advantages as adv_lib
+    from deepseek_jax.rl.grpo import sampler_mismatch
+
+    model, params = Transformer(MLA), _params(MLA, 2.0)
+    out = _sampler(MLA, P, N, "mtp").generate(params, PROMPTS, jax.random.key(5), temperature=1.0, top_k=4,
+                                              num_samples=2, stop_tokens=[3])
+    tokens, positions, segment_ids, completion = out.sequences()
+    batch = adv_lib.build_grpo_batch(tokens, positions, segment_ids, completion, out.logprobs, np.zeros(6))
+    logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"]).logits
+    train = np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch["targets"][..., None], -1)[..., 0])
+    mask = np.asarray(completion)[:, 1:]
+    got = sampler_mismatch(batch["old_logprobs"], train, mask)
+    assert got["logp_mismatch_max"] < 1e-4 and got["mismatch_kl"] < 1e-8
+    shifted = np.array(batch["old_logprobs"])
+    b, t = np.argwhere(mask)[0]
+    shifted[b, t] += 0.5
+    got = sampler_mismatch(shifted, train, mask)
+    np.testing.assert_allclose(got["logp_mismatch_max"], 0.5, atol=1e-4)
+    np.testing.assert_allclose(got["mismatch_kl"], (np.exp(-0.5) + 0.5 - 1.0) / mask.sum(), atol=1e-6)
+
+
+def test_tis_weights_scale_each_tokens_loss():
+    """grpo.tis_cap's per-token weights multiply each token's GRPO loss: weights c everywhere give
+    c x the loss; zero weights on a row give the loss of that row with zero advantage (beta = 0)."""
+    from deepseek_jax import losses
+    from deepseek_jax.rl import advantages as adv_lib
+
+    model, params = Transformer(MLA), _params(MLA, 2.0)
+    out = _sampler(MLA, P, N, None).generate(params, PROMPTS, jax.random.key(5), temperature=1.0)
+    adv = np.array([1.0, -0.5, 2.0], np.float32)
+    batch = adv_lib.build_grpo_batch(*out.sequences(), out.logprobs, adv)
+    batch = dict(batch, old_logprobs=batch["old_logprobs"] - 0.1 * batch["loss_mask"], ref_logprobs=batch["old_logprobs"])
+    cfg = dict(beta=0.0, seq_aux_alpha=0.0)
+    loss = lambda b: float(losses.grpo_loss(params, b, None, model=model, cfg=cfg)[0])  # noqa: E731
+    base = loss(batch)
+    assert abs(base) > 1e-3
+    np.testing.assert_allclose(loss(dict(batch, tis_weight=np.full_like(batch["old_logprobs"], 1.7))), 1.7 * base,
+                               rtol=1e-5)
+    w = np.ones_like(batch["old_logprobs"])
+    w[1] = 0.0
+    np.testing.assert_allclose(loss(dict(batch, tis_weight=w)), loss(dict(batch, advantages=adv * [1, 0, 1])),
+                               rtol=1e-5)
