@@ -57,10 +57,14 @@ def active_mesh():
 
 
 def routed_experts(x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK, ids_NxK, c: ModelConfig,
-                   mesh=None, priority_NxK=None):
+                   mesh=None, priority_NxK=None, check_vma=None):
     """The routed experts' combined output [N, D] and dropped copies (int32 scalar).
 
     priority_NxK: capacity dispatch's keep order (`moe.copy_priority`; None = all equal).
+    check_vma: shard_map's varying-axes type check; None = on, except with tokamax's GPU
+    grouped GEMM, whose custom VJP returns weight gradients that declare no varying mesh
+    axes (shard_map rejects them). Off, shard_map's transpose sums the weights' gradients
+    over the mesh axes their in_spec does not name, as autodiff does with it on.
 
     Local when no mesh (or a one-device mesh) is active; otherwise shard_map over the
     mesh as described in the module docstring. Results do not depend on the mesh, except
@@ -96,8 +100,10 @@ def routed_experts(x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK, i
             y, dropped = _dropless_ep(x, wg, wu, wd, wts, ids)
         return y, jax.lax.psum(dropped, batch_axes)
 
+    if check_vma is None:
+        check_vma = dispatch.grouped_impl() != "tokamax"
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, w_spec, w_spec, w_spec, tok, tok, tok),
-                       out_specs=(tok, P()))
+                       out_specs=(tok, P()), check_vma=check_vma)
     return fn(*args, priority_NxK)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 from typing import Optional
 
 import flax.struct
@@ -68,6 +69,24 @@ def tokamax():
     return tk
 
 
+def available(op: str, preferred: tuple) -> tuple:
+    """The `preferred` GPU kernels this tokamax has for `op` ("ragged_dot" | "attention"), in order.
+
+    tokamax 0.0.12 (jax 0.10) has Pallas-Triton and Mosaic GPU kernels for both; from 0.0.17
+    (jax >= 0.11) its Triton grouped GEMM needs the `triton` and `jax-triton` packages, and
+    naming a kernel it lacks is an error even after one that works.
+    """
+    try:
+        known = importlib.import_module(f"tokamax._src.ops.{op}.api").IMPLEMENTATIONS
+    except (ImportError, AttributeError):  # a tokamax laid out otherwise: let it decide
+        return preferred
+    impls = tuple(i for i in preferred if i in known)
+    if not impls:
+        raise ImportError(f"this tokamax has none of the GPU kernels {preferred} for {op} "
+                          f"(it has {sorted(known)}); install the tokamax pinned by setup.cfg's [gpu] extra")
+    return impls
+
+
 # ----- grouped GEMM --------------------------------------------------------------------------
 
 
@@ -76,7 +95,12 @@ def ragged_dot(x_MxD: jax.Array, w_ExDxF: jax.Array, group_sizes_E: jax.Array) -
 
     Rows past sum(group_sizes) come out as the kernel leaves them; callers mask them.
     """
-    return tokamax().ragged_dot(x_MxD, w_ExDxF, group_sizes_E, implementation=GPU_IMPLEMENTATIONS)
+    D, F = w_ExDxF.shape[1:]
+    # tokamax's Mosaic GPU kernels need 128-byte rows: with D or F not a multiple of 64
+    # (bf16) their VJP fails to lower ("WGMMA rhs swizzle must match lhs swizzle"), after
+    # tokamax has committed to them, so such (toy) shapes go to Triton first where it has one.
+    preferred = GPU_IMPLEMENTATIONS if D % 64 == 0 and F % 64 == 0 else GPU_IMPLEMENTATIONS[::-1]
+    return tokamax().ragged_dot(x_MxD, w_ExDxF, group_sizes_E, implementation=available("ragged_dot", preferred))
 
 
 def grouped_ffn_tokamax(x_SxD, copies_per_row: int, ids_M, valid_M, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD):
@@ -121,4 +145,4 @@ def flash_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxA, *, scale: float, causal: bo
         mask = same_BxTxS[:, None] if mask is None else mask & same_BxTxS[:, None]
     return tokamax().dot_product_attention(
         q_BxTxHxK, k_BxSxGxK, v_BxSxGxA, mask=mask, scale=scale, is_causal=causal,
-        implementation=GPU_IMPLEMENTATIONS)
+        implementation=available("attention", GPU_IMPLEMENTATIONS))

@@ -19,6 +19,7 @@ How it lowers without a GPU (`cuda_cross_lowering`):
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from typing import Optional
 from unittest import mock
@@ -32,9 +33,19 @@ from deepseek_jax import gpu_kernels
 # Kernel names as they appear in the lowered module (stablehlo.custom_call targets).
 MOSAIC_GPU = "mosaic_gpu_v2"  # tokamax's sm90/sm100 kernels (and any plgpu kernel)
 TRITON = "__gpu$xla.gpu.triton"  # Pallas-Triton kernels; the kernel's name is in its backend config
+# tokamax ops as `kernel_calls` names them (TARGET:op class), whichever GPU kernel they chose.
+GROUPED_GEMM_OPS = ("PallasMosaicGpuRaggedDot", "PallasTritonRaggedDot")
+FLASH_ATTENTION_OPS = ("PallasMosaicGpuFlashAttention", "PallasTritonFlashAttention")
 _CALL = re.compile(r'stablehlo\.custom_call @([\w$.]+)\((.*?)$', re.M)
 _TRITON_NAME = re.compile(r'name = "([^"]+)"')
+_LOC_REF = re.compile(r'loc\((#loc\d+)\)')
+_LOC_DEF = re.compile(r'^(#loc\d+) = (.*)$', re.M)
+# A tokamax op call annotates its kernels with its op's JSON (`"op": {"__type": "tokamax....Class"`),
+# in the call's frontend attributes (tokamax >= 0.0.17) or its named scope (0.0.12; the
+# location, hence debug_info). JSON quotes print as \22 (\\22 inside an attribute string).
+_TOKAMAX_OP = re.compile(r'op\\+22:\{\\+22__type\\+22:\\+22tokamax\.[\w.]*\.(\w+)\\+22')
 _RAGGED_DOT = re.compile(r'\b(?:chlo|stablehlo|mhlo)\.ragged_dot\b')
+_ALL_TO_ALL = re.compile(r'\bstablehlo\.all_to_all\b')
 
 
 @contextlib.contextmanager
@@ -54,7 +65,11 @@ def cuda_cross_lowering(compute_capability: float = 9.0):
         cc = real(device)
         return compute_capability if cc is None else cc
 
+    absl_log = logging.getLogger("absl")
     with contextlib.ExitStack() as stack:
+        # tokamax warns of an autotuning-cache miss per kernel: expected without a GPU.
+        stack.callback(absl_log.setLevel, absl_log.level)
+        absl_log.setLevel(logging.ERROR)
         stack.enter_context(gpu_kernels.targeting("gpu"))
         stack.enter_context(cross_lowering.as_gpu())
         stack.enter_context(tk.config.cross_compile(True))
@@ -63,17 +78,29 @@ def cuda_cross_lowering(compute_capability: float = 9.0):
 
 
 def kernel_calls(text: str) -> list[str]:
-    """Custom-call names in a lowered module, Triton ones as 'TARGET:kernel name' (sorted, unique)."""
+    """Custom-call names in a lowered module (`as_text(debug_info=True)`), sorted, unique.
+
+    A tokamax kernel is 'TARGET:op class' (e.g. 'mosaic_gpu_v2:PallasMosaicGpuRaggedDot'),
+    another Triton kernel 'TARGET:kernel name' (e.g. the Pallas routing kernel's 'moe_route').
+    """
+    locs = dict(_LOC_DEF.findall(text))
+
+    def annotation(rest: str, depth: int = 4) -> str:  # the call's line and its location chain
+        refs = _LOC_REF.findall(rest) if depth else []
+        return rest + "".join(annotation(locs.get(r, ""), depth - 1) for r in refs)
+
     names = set()
     for target, rest in _CALL.findall(text):
-        m = _TRITON_NAME.search(rest) if target == TRITON else None
-        names.add(f"{target}:{m.group(1)}" if m else target)
+        ops = _TOKAMAX_OP.findall(annotation(rest))
+        m = _TRITON_NAME.search(rest) if target == TRITON and not ops else None
+        names.add(f"{target}:{ops[-1]}" if ops else f"{target}:{m.group(1)}" if m else target)
     return sorted(names)
 
 
 def summarize(lowered) -> dict:
-    text = lowered.as_text()
-    return {"custom_calls": kernel_calls(text), "ragged_dot_ops": len(_RAGGED_DOT.findall(text))}
+    text = lowered.as_text(debug_info=True)
+    return {"custom_calls": kernel_calls(text), "ragged_dot_ops": len(_RAGGED_DOT.findall(text)),
+            "all_to_all_ops": len(_ALL_TO_ALL.findall(text))}
 
 
 def _abstract_batch(vocab: int, B: int, T: int) -> dict:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax import dispatch, expert_parallel
+from deepseek_jax import dispatch, expert_parallel, gpu_kernels
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.dispatch import (  # noqa: F401  (re-exported)
     dropless_tile_rows, expert_capacity, expert_ffn, expert_ffn_capacity, expert_ffn_dense,
@@ -50,11 +50,12 @@ def routing_args(c: ModelConfig) -> dict:
 def route(logits_NxE: jax.Array, bias_E: Optional[jax.Array], c: ModelConfig):
     """Dispatch to the routing implementation named by `config.routing_impl`."""
     impl = c.routing_impl
+    on_gpu = gpu_kernels.target_platform() == "gpu"  # a CPU host lowering for "cuda" too
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+        impl = "pallas" if on_gpu else "xla"
     kwargs = routing_args(c)
     if impl == "pallas":
-        return routing_lib.route(logits_NxE, bias_E, interpret=jax.default_backend() != "gpu", **kwargs)
+        return routing_lib.route(logits_NxE, bias_E, interpret=not on_gpu, **kwargs)
     return routing_lib.route_reference(logits_NxE, bias_E, **kwargs)
 
 
