@@ -88,9 +88,15 @@ def export_hf(path: str, out_dir: str, *, dtype: str = "float32", step: Optional
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype={dtype!r}: use float32 or bfloat16")
     loaded = loading.load(path, step=step)
+    return write_hf(loaded.model, loaded.params, tokenizer or loaded.tokenizer, out_dir, dtype=dtype)
+
+
+def write_hf(model, params, tokenizer: str, out_dir: str, *, dtype: str = "float32") -> dict:
+    """`model`/`params` as a Hugging Face directory: safetensors, config.json with the
+    control-token ids, generation_config.json and the tokenizer files; returns the ids."""
     os.makedirs(out_dir, exist_ok=True)
-    hf.save_pretrained(loaded.model, loaded.params, out_dir, dtype=jnp.dtype(dtype))
-    ids = write_tokenizer(tokenizer or loaded.tokenizer, out_dir, loaded.model.config.max_position_embeddings)
+    hf.save_pretrained(model, params, out_dir, dtype=jnp.dtype(dtype))
+    ids = write_tokenizer(tokenizer, out_dir, model.config.max_position_embeddings)
     config_path = os.path.join(out_dir, "config.json")
     with open(config_path) as f:
         config = json.load(f)
@@ -98,5 +104,5 @@ def export_hf(path: str, out_dir: str, *, dtype: str = "float32", step: Optional
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(dict(ids, do_sample=False, max_length=loaded.model.config.max_position_embeddings), f, indent=2)
+        json.dump(dict(ids, do_sample=False, max_length=model.config.max_position_embeddings), f, indent=2)
     return ids

@@ -161,27 +161,11 @@ class DPOReference:
 
 def export_hf(cfg: ml_collections.ConfigDict, model, params, out_dir: str) -> str:
     """The final policy as a transformers-loadable directory, tokenizer files beside it."""
-    from deepseek_jax import hf
+    from deepseek_jax import export
 
-    exporter = getattr(hf, "export", None)  # the CLI export of `convert --to_hf` (tokenizer, ids)
-    if exporter is not None:
-        exporter(model, params, out_dir, tokenizer=cfg.data.tokenizer)
-    else:
-        hf.save_pretrained(model, params, out_dir)
-        copy_tokenizer_files(cfg.data.tokenizer, out_dir)
+    export.write_hf(model, params, cfg.data.tokenizer, out_dir)
     log.info("exported the final params as a Hugging Face checkpoint to %s", out_dir)
     return out_dir
-
-
-def copy_tokenizer_files(tokenizer: str, out_dir: str) -> None:
-    import shutil
-
-    if not tokenizer or tokenizer == "byte":
-        return
-    folder = tokenizer if os.path.isdir(tokenizer) else os.path.dirname(os.path.abspath(tokenizer))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.isfile(os.path.join(folder, name)):
-            shutil.copy(os.path.join(folder, name), os.path.join(out_dir, name))
 
 
 def with_dpo_reference(cfg: ml_collections.ConfigDict, parts, state, *, resumed: bool):
