@@ -1,29 +1,41 @@
-"""One GPU call (<= 8 minutes on one H200): train-step MFU, routing kernels, decode; checked and timed.
+"""One GPU call (<= 8 minutes on one H200): GPU kernels checked, then train-step MFU, grouped
+GEMM, flash attention, routing kernels and decode timed.
 
     python experiments/benchmarks/gpu_suite.py                 # GPU: everything, ~6-8 min
-    python experiments/benchmarks/gpu_suite.py --parts train   # a subset: train,routing,decode
+    python experiments/benchmarks/gpu_suite.py --parts train   # a subset of PARTS
     python experiments/benchmarks/gpu_suite.py --quick         # CPU smoke run: tiny shapes, interpret mode
 
 Parts, run in this order, each only if its MIN_LEFT_S still fits in --budget_s (420 s by
 default; a part that does not fit is reported as skipped, one that fails is reported with its
 error, and the others still run):
 
+  kernels  correctness first (gpu_kernel_checks.py): tokamax's grouped FFN (output and
+           gradients) against the tiled CPU path in float32, tokamax's flash attention at
+           MLA head dims (192 / 128), causal within packed documents, against the dense
+           reference in float32.
   train    a ~1B-activated-parameter DeepSeek-V3-style MoE (12 layers, hidden 2048, MLA 16
            heads, 32 routed experts top-6 + 2 shared, 3.5B total), bfloat16 compute, float32
            master weights and AdamW, on a mesh over the one GPU, batch 16 x 1024; the step of
            train_step.make_train_step with the pretrain loss, once per MoE dispatch
-           (dropless: ragged_dot; capacity 1.25: dense batched einsum). Checks: the first CE
+           (dropless: tokamax's grouped GEMM; capacity 1.25: dense batched einsum), flash
+           attention, the Pallas routing kernel. Checks: the first CE
            is within 0.5 of ln(V) (random init), every loss and gradient norm is finite, no
            update skipped, and the loss falls over the timed steps (one batch, repeated).
            Reports the median step, tokens/s, MFU against a bf16 matmul peak measured in
            the same run, and XLA's FLOP count of the compiled step over the model FLOPs (a
            ratio far above 1 means a dense fallback, e.g. ragged_dot without cuDNN).
+  gemm     one grouped GEMM at V3 expert shapes (D 7168, F 2048, 32 local experts, 32k
+           copies) against the dense GEMM of the same FLOPs, forward and forward + backward;
+           XLA's ragged_dot (a dense dot over all experts on GPU) for context.
+  attention  flash vs blockwise attention, forward + backward, B 4 x T 4096, 16 MLA heads.
   routing  gpu_routing.py's kernel vs reference at V3 / V2 shapes (T = 16k tokens).
   decode   decode.py's absorbed vs naive MLA decode step on the train part's model (bf16,
            batch 32, 4k cached tokens), and a Sampler rollout (absorbed).
 
-Prints one table and writes the `gpu_suite.py` section of RESULTS.md with the date and the
-command (--quick: only with --results). Exits non-zero if any check fails.
+Prints one table and the issue-17 targets (train MFU >= 35%, grouped GEMM >= 60% of the dense
+GEMM, Pallas routing >= 2x XLA's at V3 shapes: met or missed), and writes the `gpu_suite.py`
+section of RESULTS.md with the date and the command (--quick: only with --results). Exits
+non-zero if any check fails (a missed target is reported, not a failed check).
 """
 from __future__ import annotations
 
@@ -41,6 +53,7 @@ import common  # noqa: E402
 import jax  # noqa: E402
 
 import decode as decode_bench  # noqa: E402
+import gpu_kernel_checks as kernel_checks  # noqa: E402
 import gpu_routing  # noqa: E402
 import train_step_vs_hf as bench  # noqa: E402
 from deepseek_jax import inspect as ds_inspect  # noqa: E402
@@ -48,7 +61,7 @@ from deepseek_jax.config import ModelConfig  # noqa: E402
 from deepseek_jax.model import Transformer  # noqa: E402
 
 SCRIPT = "gpu_suite.py"
-PARTS = ("train", "routing", "decode")
+PARTS = ("kernels", "train", "gemm", "attention", "routing", "decode")
 GPU_MOE_1B = dict(
     name="gpu_moe_1b", vocab_size=32000, hidden_size=2048, num_hidden_layers=12, intermediate_size=8192,
     max_position_embeddings=8192, attention="mla", num_attention_heads=16, q_lora_rank=768, kv_lora_rank=512,
@@ -68,7 +81,9 @@ SETTINGS = {  # (batch, seq, timed steps, routing T, decode batch, decode contex
                routing_models=("V3",), decode_dtype="float32"),
 }
 # Seconds a part needs at least (compile included) on an H200: it is skipped when less is left.
-MIN_LEFT_S = {"train": 150.0, "routing": 30.0, "decode": 120.0}
+MIN_LEFT_S = {"kernels": 40.0, "train": 150.0, "gemm": 30.0, "attention": 30.0, "routing": 30.0,
+              "decode": 120.0}
+TARGETS = {"train MFU": 0.35, "grouped GEMM / dense": 0.6, "routing speed-up (V3)": 2.0}
 CE_WINDOW = 0.5  # |first CE - ln V| at random init
 DECODE_ATOL = {"float32": decode_bench.LOGITS_ATOL, "bfloat16": 3e-2}
 
@@ -169,6 +184,20 @@ def decode_part(s, quick, state) -> list[Row]:
     return rows
 
 
+def target_lines(rows) -> list[str]:
+    """Each issue-17 performance target: measured value, met or missed (or not measured)."""
+    mfu = [r["mfu"] for r in rows if r["part"] == "train" and r.get("mfu") is not None]
+    ratio = [r["ratio"] for r in rows if r["part"] == "gemm" and "ratio" in r]
+    v3 = {r["case"].split()[1]: r["ms"] for r in rows if r["part"] == "routing" and r["case"].startswith("V3 ")
+          and r.get("ms") is not None}
+    measured = {"train MFU": max(mfu) if mfu else None, "grouped GEMM / dense": ratio[0] if ratio else None,
+                "routing speed-up (V3)": v3["reference"] / v3["pallas"] if {"reference", "pallas"} <= set(v3)
+                else None}
+    return [f"{name} >= {TARGETS[name]:g}: " + ("not measured" if v is None else
+                                                f"{v:.2f} {'met' if v >= TARGETS[name] else 'MISSED'}")
+            for name, v in measured.items()]
+
+
 def format_table(rows) -> str:
     def f(x, fmt):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
@@ -217,8 +246,14 @@ def main(argv=None):
             rows.append(_row(part, "-", "skipped (time budget)"))
             continue
         try:
-            if part == "train":
+            if part == "kernels":
+                rows += [kernel_checks.check_grouped_ffn(args.quick), kernel_checks.check_flash_attention(args.quick)]
+            elif part == "train":
                 rows += train_part(s, args.quick, peak, deadline, state)
+            elif part == "gemm":
+                rows += kernel_checks.bench_grouped_gemm(args.quick, max(2, s["repeats"]))
+            elif part == "attention":
+                rows += kernel_checks.bench_attention(args.quick, max(2, s["repeats"]))
             elif part == "routing":
                 rows += routing_part(s, interpret=not on_gpu)
             else:
@@ -226,7 +261,7 @@ def main(argv=None):
         except Exception as e:  # report and go on: one broken part must not hide the others
             traceback.print_exc()
             rows.append(_row(part, "-", f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:160]}"))
-    table = format_table(rows)
+    table = format_table(rows) + "\n\nTargets: " + "; ".join(target_lines(rows)) + "."
     elapsed = time.monotonic() - t_start
     print(table)
     print(f"\nbf16 matmul peak {peak / 1e9:,.0f} GFLOP/s (measured); {elapsed:.0f} s in all")
