@@ -106,10 +106,9 @@ def _parse(text: str, num_devices: int, devices_per_node: int) -> tuple[dict, Op
         if base in KINDS and not op.endswith("-done"):
             groups = replica_groups(rest, num_devices)
             size = max(len(g) for g in groups)
-            nbytes = _nbytes(rtype.split("->")[-1]) if not op.endswith("-start") else _nbytes(rtype)
+            nbytes = _nbytes(rtype)
             if op.endswith("-start") and rtype.startswith("("):
-                # async start returns (operands, results[, context]): count the results half
-                nbytes = _nbytes(rtype) // 2
+                nbytes //= 2  # an async start returns (operands, results): count the results
             if base == "reduce-scatter":
                 nbytes *= size
             cross = any(len({d // devices_per_node for d in g}) > 1 for g in groups)

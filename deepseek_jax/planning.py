@@ -159,8 +159,10 @@ def plan(cfg: ml_collections.ConfigDict, devices: int, hbm_gb: float = 141.0,
     batch = abstract_batch(cfg.loss, B, T, mesh)
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    lowered = step.lower(state, batch)
+    lower_s = time.perf_counter() - t0
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0  # tracing + lowering + XLA compilation
 
     mem = compiled.memory_analysis()
     params_b, opt_b = _shard_bytes(state.params), _shard_bytes(state.opt_state)
@@ -193,7 +195,7 @@ def plan(cfg: ml_collections.ConfigDict, devices: int, hbm_gb: float = 141.0,
         "est_step_s": est["est_step_s"],
         "est_mfu": est["est_mfu"],
         # Beyond the --json contract: how the numbers were reached.
-        "details": {"mesh_note": mesh_note, "microbatches": M, "batch_size": B, "seq_len": T,
+        "details": {"mesh_note": mesh_note, "lower_s": lower_s, "microbatches": M, "batch_size": B, "seq_len": T,
                     "model_flops_per_device": model_flops, "xla_cost_analysis_flops": xla_flops,
                     "hbm_bytes_accessed": bytes_accessed, "attention_impl": model_cfg.attention_impl,
                     **{k: est[k] for k in ("compute_s", "memory_s", "nvlink_s", "network_s")},
@@ -202,7 +204,7 @@ def plan(cfg: ml_collections.ConfigDict, devices: int, hbm_gb: float = 141.0,
 
 
 def format_report(r: dict) -> str:
-    gb = lambda b: f"{b / 1e9:.2f} GB"
+    gb = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.2f} MB"
     d = r["details"]
     lines = [f"devices {r['devices']}, mesh {r['mesh']}, microbatches {d['microbatches']} "
              f"(batch {d['batch_size']} x {d['seq_len']} tokens), attention {d['attention_impl']}"]
