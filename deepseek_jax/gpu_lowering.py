@@ -14,7 +14,11 @@ How it lowers without a GPU (`cuda_cross_lowering`):
 - tokamax: `tokamax.config.cross_compile(True)` lifts its "is a GPU present" checks, and its
   per-architecture kernel choice (sm90 / sm100) reads the default device's compute
   capability, which a CPU does not have: we answer `compute_capability` (9.0 = H100/H200)
-  for the duration of the lowering (tokamax 0.0.12's `gpu_utils._compute_capability`).
+  for the duration of the lowering (`gpu_utils._compute_capability` of tokamax 0.0.12 and 0.0.17).
+
+The train step lowers on the config's mesh: with an `expert` axis the routed experts run in
+shard_map with all-to-all (`all_to_all_ops` counts them) and check_vma off, which tokamax's
+VJP needs (expert_parallel.routed_experts).
 """
 from __future__ import annotations
 
