@@ -83,6 +83,11 @@ class ModelConfig:
     # "reference" (the [T, S] score matrix; the test oracle), "blockwise" (online softmax,
     # memory linear in T; blockwise_attention.py) or "auto" (resolve_attention_impl picks).
     attention_impl: str = "auto"
+    # Run the layers as two `nn.scan` stacks (the dense prefix, then the MoE layers;
+    # layer_stack.py): compile time and program size stop growing with depth. Parameters
+    # then carry a leading "layers" axis; layer_stack.stack_layers / unstack_layers convert
+    # between the two layouts (Hugging Face import/export and inspect use the per-layer one).
+    scan_layers: bool = False
 
     def __post_init__(self):
         validate(self)
@@ -164,6 +169,7 @@ def validate(c: ModelConfig) -> None:
         _check(rs.beta_fast > rs.beta_slow > 0, "rope_scaling.beta_fast", (rs.beta_fast, rs.beta_slow),
                "need beta_fast > beta_slow > 0 (DeepSeek uses 32 and 1)")
     _check(c.num_mtp_layers >= 0, "num_mtp_layers", c.num_mtp_layers, "must be >= 0")
+    _check(isinstance(c.scan_layers, bool), "scan_layers", c.scan_layers, "use True or False")
     _check(c.remat in ("none", "full", "dots"), "remat", c.remat, "use 'none', 'full' or 'dots'")
     _check(c.moe_dispatch in ("dropless", "capacity", "dense"), "moe_dispatch", c.moe_dispatch,
            "use 'dropless', 'capacity' or 'dense'")

@@ -30,6 +30,8 @@ def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with its default. Config files override a few."""
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict()  # ModelConfig fields; unset ones keep their defaults
+    # Layers as scanned stacks (ModelConfig.scan_layers); listed so --config.model.scan_layers works.
+    c.model.scan_layers = ModelConfig.scan_layers
     c.loss = "pretrain"  # a name in losses.LOSSES
     c.loss_config = ml_collections.ConfigDict()  # LossConfig fields
     c.total_steps = 100

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from deepseek_jax import layer_stack
 from deepseek_jax.config import ModelConfig, RopeScaling
 from deepseek_jax.model import Transformer
 
@@ -377,6 +378,12 @@ def from_pretrained(path: str, dtype=jnp.float32, shardings=None, **config_overr
     with open(os.path.join(path, "config.json")) as f:
         hf_config = json.load(f)
     config = config_from_hf(hf_config, **config_overrides)
+    if layer_stack.stacks(config) is not None:
+        # Scanned layers: read the published per-layer layout, then stack it (layer_stack.py).
+        # The stacks are assembled on one device before `shardings` places them.
+        _, params = from_pretrained(path, dtype, None, **(config_overrides | {"scan_layers": False}))
+        params = layer_stack.stack_layers(params, config)
+        return Transformer(config), params if shardings is None else jax.device_put(params, shardings)
     st = SafetensorsDir(path)
     entries = key_map(config)
     shapes = abstract_params(config)
@@ -430,7 +437,8 @@ def save_pretrained(model: Transformer, params, path: str, max_shard_bytes: int 
     `dtype` (float32 or bfloat16; the router and its bias stay float32)."""
     from safetensors.numpy import save_file
 
-    c = model.config
+    params = layer_stack.unstack_layers(params, model.config)  # the published layout is per layer
+    c = model.config.replace(scan_layers=False)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(c), f, indent=2)

@@ -49,6 +49,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 
+from deepseek_jax import layer_stack
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer
 from deepseek_jax.sharding import abstract_params
@@ -67,6 +68,8 @@ def abstract_param_tree(config: ModelConfig):
     (config, is_moe_layer(i)) alone. tests/test_inspect.py checks the result against the
     fully traced tree.
     """
+    if layer_stack.stacks(config) is not None:  # scanned layers trace once per stack, whatever the depth
+        return dict(abstract_params(Transformer(config), batch=1, length=1))
     kinds = [config.is_moe_layer(i) for i in range(config.num_hidden_layers)]
     distinct = sorted(set(kinds))  # [False], [True] or [False, True]
     small = config.replace(num_hidden_layers=len(distinct), first_k_dense_replace=int(False in distinct),

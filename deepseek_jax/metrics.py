@@ -122,7 +122,8 @@ def _local_flops_per_token(model_cfg, seq_len: int) -> float:
     from deepseek_jax.model import Transformer
     import flax.linen as nn
 
-    params = nn.meta.unbox(sharding.abstract_params(Transformer(model_cfg)))
+    # The per-layer layout: the shape rules below read one layer's leaves (no scanned [L] axis).
+    params = nn.meta.unbox(sharding.abstract_params(Transformer(model_cfg.replace(scan_layers=False))))
     frac = (model_cfg.num_experts_per_tok / model_cfg.n_routed_experts) if model_cfg.n_routed_experts else 1.0
     n = 0.0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:

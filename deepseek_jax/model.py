@@ -21,6 +21,9 @@ Parameter tree (names chosen to map one to one onto the Hugging Face checkpoints
                              gate_proj [E, D, F], up_proj, down_proj, shared_experts/...}  (MoE)
     final_norm, lm_head/kernel [D, V]
     mtp_{k}/enorm, hnorm, eh_proj [2D, D], block/..., final_norm   (V3 §2.2)
+
+With `config.scan_layers`, layers_{i} become two scanned stacks, dense_layers/... and
+moe_layers/..., each leaf with a leading [L] layer axis (layer_stack.py converts both ways).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax import kv_cache
+from deepseek_jax import kv_cache, layer_stack
 from deepseek_jax.attention import MHA, MLA, attention_mask
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, Dense, Embed, RMSNorm, constrain, rope_cos_sin
@@ -99,16 +102,33 @@ class MTPModule(nn.Module):
         return h, RMSNorm(c.rms_norm_eps, name="final_norm")(h), stats, cache
 
 
+class _Stacked(dict):
+    """MoE stats of a scanned stack: every entry already has a leading [L] layer axis."""
+
+
 def _stack_stats(stats: list) -> Optional[MoEStats]:
+    """Per-layer stats dicts (and `_Stacked` ones from a scanned stack), in layer order ->
+    MoEStats with a leading layer axis."""
     stats = [s for s in stats if s is not None]
     if not stats:
         return None
+    stack = lambda k: jnp.concatenate([s[k] if isinstance(s, _Stacked) else s[k][None] for s in stats])
+    first = stats[0]["tokens"]
     return MoEStats(
-        counts=jnp.stack([s["counts"] for s in stats]), probs=jnp.stack([s["probs"] for s in stats]),
-        router_z=jnp.stack([s["router_z"] for s in stats]), tokens=stats[0]["tokens"],
-        dropped=jnp.stack([s["dropped"] for s in stats]),
-        group_tokens=jnp.stack([s["group_tokens"] for s in stats]),
-        seq_balance=jnp.stack([s["seq_balance"] for s in stats]))
+        counts=stack("counts"), probs=stack("probs"), router_z=stack("router_z"),
+        tokens=first[0] if isinstance(stats[0], _Stacked) else first, dropped=stack("dropped"),
+        group_tokens=stack("group_tokens"), seq_balance=stack("seq_balance"))
+
+
+def _scan(body, block: nn.Module, count: int, x_BxTxD: jax.Array, xs=None):
+    """`body(block, x, xs_i) -> (x, ys_i)` over `count` layers: (x, ys stacked over layers).
+
+    `block` holds the layers' parameters with a leading layer axis (logical name "layers",
+    layer_stack.py); one traced layer serves them all, so compile time does not grow with depth.
+    """
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=count,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    return scan(block, x_BxTxD, xs)
 
 
 def shift_left(x_BxT: jax.Array, fill: int = 0) -> jax.Array:
@@ -156,7 +176,20 @@ class Transformer(nn.Module):
         x = constrain(embed(tokens_BxT), ("batch", "length", "embed"))
         block_cls = _block_cls(c)
         stats, layer_caches = [], []
-        for i in range(c.num_hidden_layers):
+        groups = layer_stack.stacks(c)
+        for g in groups or ():
+            if cache is None:
+                body = lambda blk, x_BxTxD, _: blk(x_BxTxD, cos, sin, mask, segment_ids)
+                x, s = _scan(body, block_cls(c, g.moe, name=g.name), g.count, x)
+            else:  # the cache stays per layer (kv_cache.KVCache): stacked for the scan, split after
+                def body(blk, x_BxTxD, layer):
+                    x_BxTxD, s, layer = blk(x_BxTxD, cos, sin, mask, valid_BxT, layer, index, absorbed)
+                    return x_BxTxD, (s, layer)
+                stacked = jax.tree.map(lambda *a: jnp.stack(a), *cache.layers[g.first:g.first + g.count])
+                x, (s, layers) = _scan(body, Block(dropless_config(c), g.moe, name=g.name), g.count, x, stacked)
+                layer_caches += [jax.tree.map(lambda a, j=j: a[j], layers) for j in range(g.count)]
+            stats.append(None if s is None else _Stacked(s))
+        for i in range(0 if groups is not None else c.num_hidden_layers):
             if cache is None:
                 # Segment ids, not just the mask: the MoE's sequence-wise balance loss is per document.
                 x, s = block_cls(c, c.is_moe_layer(i), name=f"layers_{i}")(x, cos, sin, mask, segment_ids)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import dispatch, expert_parallel, gpu_kernels
+from deepseek_jax import layer_stack
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.dispatch import (  # noqa: F401  (re-exported)
     dropless_tile_rows, expert_capacity, expert_ffn, expert_ffn_capacity, expert_ffn_dense,
@@ -164,17 +165,25 @@ def _document_balance(counts_NxE, probs_NxE, valid_N, seg_BxT, B, T, c: ModelCon
 _BIAS_LEAF = "e_score_correction_bias"
 
 
+def _top_key(path) -> str:
+    return str(getattr(path[0], "key", path[0]))
+
+
 def _layer_order(path) -> tuple:
     """Sort key matching MoEStats' stacking: main layers by index, then MTP depths."""
-    top = str(getattr(path[0], "key", path[0]))
+    top = _top_key(path)
+    if top == layer_stack.MOE_STACK:  # the scanned MoE layers (the only main-model stack with routers)
+        return (False, 0)
     m = re.fullmatch(r"(layers|mtp)_(\d+)", top)
     if m is None:
-        raise ValueError(f"{_BIAS_LEAF} under unexpected top-level key {top!r}; expected layers_i or mtp_k")
+        raise ValueError(f"{_BIAS_LEAF} under unexpected top-level key {top!r}; expected layers_i, "
+                         f"{layer_stack.MOE_STACK} or mtp_k")
     return (m.group(1) == "mtp", int(m.group(2)))
 
 
 def router_bias_paths(params) -> list:
-    """Key paths of every `e_score_correction_bias` leaf, in MoEStats layer order."""
+    """Key paths of every `e_score_correction_bias` leaf, in MoEStats layer order (a scanned
+    stack's leaf is one path holding [L, E], the biases of its L layers)."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     paths = [p for p, _ in flat if str(getattr(p[-1], "key", p[-1])) == _BIAS_LEAF]
     return sorted(paths, key=_layer_order)
@@ -196,14 +205,24 @@ def update_router_biases(params, counts_LxE: jax.Array, rate: float):
     jit-friendly; the new biases keep the old ones' sharding.
     """
     paths = router_bias_paths(params)
-    if len(paths) != counts_LxE.shape[0]:
-        raise ValueError(f"counts_LxE has {counts_LxE.shape[0]} layers but the params hold {len(paths)} "
-                         f"{_BIAS_LEAF} leaves; pass MoEStats.counts.sum(axis=1) of this model")
-    new = {jax.tree_util.keystr(p): counts_LxE[i] for i, p in enumerate(paths)}
+    leaves = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    rows = [leaves[jax.tree_util.keystr(p)].shape[0] if _top_key(p) == layer_stack.MOE_STACK else 1
+            for p in paths]
+    if sum(rows) != counts_LxE.shape[0]:
+        raise ValueError(f"counts_LxE has {counts_LxE.shape[0]} layers but the params hold {sum(rows)} "
+                         f"layers of {_BIAS_LEAF}; pass MoEStats.counts.sum(axis=1) of this model")
+    starts = np.cumsum([0] + rows)
+    new = {jax.tree_util.keystr(p): (counts_LxE[starts[i]:starts[i + 1]], _top_key(p) == layer_stack.MOE_STACK)
+           for i, p in enumerate(paths)}
 
     def upd(path, leaf):
         load = new.get(jax.tree_util.keystr(path))
-        return leaf if load is None else bias_update(leaf, load, rate)
+        if load is None:
+            return leaf
+        load_LxE, stacked = load
+        if stacked:  # [L, E] biases of a scanned stack, one row per layer
+            return jax.vmap(bias_update, in_axes=(0, 0, None))(leaf, load_LxE, rate)
+        return bias_update(leaf, load_LxE[0], rate)
 
     return jax.tree_util.tree_map_with_path(upd, params)
 

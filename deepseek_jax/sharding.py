@@ -41,6 +41,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("norm", None),
+    ("layers", None),  # the leading axis of scanned layer stacks (ModelConfig.scan_layers)
 )
 
 

@@ -348,6 +348,7 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     except (OSError, ValueError):
         return  # unreadable: the restore itself will say what is wrong
     old, new = _flat(saved), _flat(json.loads(cfg.to_json_best_effort()))
+    old.setdefault("model.scan_layers", False)  # saved before the key existed: per-layer checkpoints
     keys = sorted(k for k in old.keys() | new.keys() if k.startswith("model.") and old.get(k) != new.get(k))
     if (old.get("loss") == "grpo") != (cfg.loss == "grpo"):
         keys.append("loss")
