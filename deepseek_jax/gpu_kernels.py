@@ -109,6 +109,13 @@ def grouped_ffn_tokamax(x_SxD, copies_per_row: int, ids_M, valid_M, w_gate_ExDxF
     Copies are sorted by expert (invalid ones last, beyond every group), run through three
     ragged dots, masked and scattered back to copy order.
     """
+    if x_SxD.dtype == jnp.float32 and "triton" not in available("ragged_dot", GPU_IMPLEMENTATIONS):
+        # tokamax >= 0.0.17 without jax-triton has only its Mosaic GPU grouped GEMM, which takes
+        # bf16/f16 only: a float32 model runs the exact block-sparse tiled path (no dense dot).
+        from deepseek_jax import dispatch  # here: dispatch imports this module
+
+        return dispatch.grouped_ffn_tiled(x_SxD, copies_per_row, ids_M, valid_M, w_gate_ExDxF, w_up_ExDxF,
+                                          w_down_ExFxD)
     E = w_gate_ExDxF.shape[0]
     bucket_M = jnp.where(valid_M, ids_M, E)
     order_M = jnp.argsort(bucket_M, stable=True)

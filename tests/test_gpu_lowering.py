@@ -92,3 +92,19 @@ def test_expert_parallel_gradients_without_vma_check_match_dense():
         g = grad(lambda *a: expert_parallel.routed_experts(*a, cfg, check_vma=False))
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) <= 1e-5
+
+
+def test_float32_grouped_ffn_lowers_without_ragged_dot():
+    # tokamax 0.0.17's only grouped GEMM (Mosaic GPU) takes bf16/f16: float32 runs the tiled
+    # path there (a while loop of per-tile matmuls), Triton's kernel with tokamax 0.0.12.
+    S, E, D, F = 32, 4, 64, 64
+    shapes = [((S, D), jnp.float32), ((2 * S,), jnp.int32), ((2 * S,), jnp.bool_)] + [((E, D, F), jnp.float32)] * 2
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes + [((E, F, D), jnp.float32)]]
+    with gpu_lowering.cuda_cross_lowering():
+        fn = lambda x, ids, valid, *ws: gpu_kernels.grouped_ffn_tokamax(x, 2, ids, valid, *ws)  # noqa: E731
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        has_triton = "triton" in gpu_kernels.available("ragged_dot", ("triton", "mosaic_gpu"))
+    out = gpu_lowering.summarize(lowered)
+    assert out["ragged_dot_ops"] == 0
+    assert out["custom_calls"] == ([f"{TRITON}:PallasTritonRaggedDot"] if has_triton else [])
+    assert ("stablehlo.while" in lowered.as_text()) != has_triton  # the tiled loop
