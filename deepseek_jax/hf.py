@@ -6,8 +6,9 @@
 Reads directories exactly as published: `config.json` (legacy `rope_scaling` dict or
 `rope_parameters`), weights in one or several `*.safetensors` files (with or without
 `model.safetensors.index.json`), routed experts as per-expert keys, the V3 router bias
-`e_score_correction_bias`, FP8 e4m3 weights with `weight_scale_inv` per 128x128 block
-(dequantised on load), and the MTP layer V3 stores at index `num_hidden_layers`.
+`e_score_correction_bias`, FP8 (e4m3 or e5m2) weights with `weight_scale_inv` per 128x128
+block (dequantised on load), and the MTP layer V3 stores at index `num_hidden_layers`
+(skipped with `num_mtp_layers=0`; see `from_pretrained` for checkpoints that lack it).
 
 Only safetensors are read, never pickle. Tensors are memory-mapped and each parameter is
 assembled and placed into its sharding one at a time (`jax.make_array_from_callback`
@@ -38,6 +39,7 @@ _DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 FP8_BLOCK = 128
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -123,6 +125,14 @@ def config_to_hf(c: ModelConfig) -> dict:
         return d | dict(architectures=["LlamaForCausalLM"], model_type="llama",
                         num_key_value_heads=c.kv_heads, head_dim=c.mha_head_dim)
     v3 = c.scoring_func == "sigmoid" or c.router_bias or c.num_mtp_layers > 0
+    dense_after = [i for i in range(c.first_k_dense_replace, c.num_hidden_layers) if c.is_moe and not c.is_moe_layer(i)]
+    if dense_after:
+        # transformers' DeepseekV2/V3 ignore moe_layer_freq: every layer from first_k_dense_replace
+        # on is an MoE layer there, so these dense layers would not load (no identical rewrite exists).
+        raise CheckpointError(f"moe_layer_freq={c.moe_layer_freq}: layers {dense_after} are dense here, but "
+                              "transformers' DeepseekV2/V3 make every layer from first_k_dense_replace="
+                              f"{c.first_k_dense_replace} on an MoE layer (they ignore moe_layer_freq); a Hugging "
+                              "Face export needs moe_layer_freq=1")
     d |= dict(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
               qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, num_key_value_heads=c.num_attention_heads,
               n_routed_experts=c.n_routed_experts, n_shared_experts=c.n_shared_experts,
@@ -302,9 +312,16 @@ class SafetensorsDir:
         return np.memmap(fpath, dtype=dtype, mode="r", offset=base + start, shape=shape)
 
 
-def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
-    """w [O, I] e4m3 * scale_inv [ceil(O/128), ceil(I/128)], one scale per 128x128 block (V3 §3.3)."""
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK, key: str = "weight") -> np.ndarray:
+    """w [O, I] (e4m3 or e5m2) * scale_inv [ceil(O/128), ceil(I/128)], one scale per 128x128
+    block (V3 §3.3). Any other grid shape is an error: slicing or broadcasting it would
+    silently scale blocks by their neighbours' factors."""
     O, I = w.shape
+    want = (-(-O // block), -(-I // block))
+    if tuple(scale_inv.shape) != want:
+        raise CheckpointError(f"FP8 tensor {key!r} has shape {(O, I)}, so its weight_scale_inv must be {want} (one "
+                              f"scale per {block}x{block} block), but it is {tuple(scale_inv.shape)}; the checkpoint "
+                              "is corrupt or uses another block size")
     s = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), block, axis=0), block, axis=1)[:O, :I]
     return np.asarray(w, np.float32) * s
 
@@ -315,7 +332,7 @@ def _read(st: SafetensorsDir, key: str) -> np.ndarray:
         scale_key = key[: -len("weight")] + "weight_scale_inv"
         if scale_key not in st:
             raise CheckpointError(f"FP8 tensor {key!r} has no {scale_key!r} block scales")
-        return dequantize_fp8(w, st.get(scale_key))
+        return dequantize_fp8(w, st.get(scale_key), key=key)
     return np.asarray(w, np.float32)
 
 
@@ -368,28 +385,95 @@ def _is_f32_leaf(path: tuple) -> bool:
     return path[-1] in ("router", "e_score_correction_bias")
 
 
-def from_pretrained(path: str, dtype=jnp.float32, shardings=None, **config_overrides):
+def mtp_layers_stored(keys, num_hidden_layers: int) -> int:
+    """How many MTP layers the checkpoint stores: model.layers.{L}, {L+1}, ... (L =
+    num_hidden_layers) that have an eh_proj (any other layer past L stays an unknown tensor)."""
+    keys = set(keys)
+    n = 0
+    while f"model.layers.{num_hidden_layers + n}.eh_proj.weight" in keys:
+        n += 1
+    return n
+
+
+def load_config(path: str, st: Optional["SafetensorsDir"] = None, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a Hugging Face directory, with `num_mtp_layers` what it really stores.
+
+    transformers' DeepseekV3Config defaults num_nextn_predict_layers to 1, but its
+    save_pretrained writes no MTP tensors (transformers has no MTP module): unless the caller
+    sets num_mtp_layers, a checkpoint declaring more MTP layers than it stores is read with
+    the stored ones only, and a warning says so.
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        hf_config = json.load(f)
+    config = config_from_hf(hf_config, **overrides)
+    if "num_mtp_layers" in overrides or not config.num_mtp_layers:
+        return config
+    stored = mtp_layers_stored((st or SafetensorsDir(path)).keys(), config.num_hidden_layers)
+    if stored < config.num_mtp_layers:
+        log.warning("%s: config.json declares num_nextn_predict_layers=%d but the checkpoint stores %d MTP "
+                    "layer(s) (transformers' save_pretrained writes none); loading without the missing MTP "
+                    "module(s). Pass num_mtp_layers=%d to initialise them fresh instead.",
+                    path, config.num_mtp_layers, stored, config.num_mtp_layers)
+        config = dataclasses.replace(config, num_mtp_layers=stored)
+    return config
+
+
+def _fresh_mtp(config: ModelConfig, ks: range, dtype, shardings, seed: int) -> dict:
+    """Freshly initialised MTP modules mtp_k (k in ks), as `init_params` makes them; only
+    their subtrees leave the jit, so XLA initialises nothing else."""
+    import flax.linen as nn
+    model = Transformer(config)
+
+    def init(key):
+        p = nn.meta.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: x if _is_f32_leaf(tuple(q.key for q in path)) else x.astype(dtype),
+            {f"mtp_{k}": p[f"mtp_{k}"] for k in ks})
+
+    out = {f"mtp_{k}": shardings[f"mtp_{k}"] for k in ks} if shardings is not None else None
+    return jax.jit(init, out_shardings=out)(jax.random.key(seed))
+
+
+def from_pretrained(path: str, dtype=jnp.float32, shardings=None, mtp_init_seed: int = 0, **config_overrides):
     """Load a Hugging Face directory -> (Transformer, params).
 
     `shardings`: optional pytree of jax.sharding.Sharding matching the parameters (e.g. from
     `deepseek_jax.sharding`); each parameter is placed straight into it. The router and its
     bias stay float32 whatever `dtype` is (they are selection-critical, pitfall 2).
+
+    MTP layers (V3 stores them at model.layers.{num_hidden_layers + k}): `num_mtp_layers=0`
+    (or fewer than stored) skips the extra layers' tensors, as transformers does (logged
+    once); without that override, the layers config.json declares but the files lack are left
+    out (`load_config`); an explicit num_mtp_layers above what is stored initialises the
+    missing modules fresh (seed `mtp_init_seed`), with a warning.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        hf_config = json.load(f)
-    config = config_from_hf(hf_config, **config_overrides)
+    st = SafetensorsDir(path)
+    config = load_config(path, st, **config_overrides)
     if layer_stack.stacks(config) is not None:
         # Scanned layers: read the published per-layer layout, then stack it (layer_stack.py).
         # The stacks are assembled on one device before `shardings` places them.
-        _, params = from_pretrained(path, dtype, None, **(config_overrides | {"scan_layers": False}))
+        _, params = from_pretrained(path, dtype, None, mtp_init_seed, **(config_overrides | {"scan_layers": False}))
         params = layer_stack.stack_layers(params, config)
         return Transformer(config), params if shardings is None else jax.device_put(params, shardings)
-    st = SafetensorsDir(path)
-    entries = key_map(config)
+    stored_mtp = mtp_layers_stored(st.keys(), config.num_hidden_layers)
+    fresh = range(min(stored_mtp, config.num_mtp_layers), config.num_mtp_layers)
+    entries = [e for e in key_map(config) if not (e.path[0].startswith("mtp_") and int(e.path[0][4:]) in fresh)]
     shapes = abstract_params(config)
     params: dict = {}
     used = set(mtp_shared_keys(config)) | {k for k in st.keys() if k.endswith("weight_scale_inv")}
     used |= {k for k in st.keys() if "rotary_emb" in k}
+    if stored_mtp > config.num_mtp_layers:
+        L = config.num_hidden_layers
+        skipped = [f"model.layers.{i}." for i in range(L + config.num_mtp_layers, L + stored_mtp)]
+        skip = {k for k in st.keys() if k.startswith(tuple(skipped))}
+        used |= skip
+        log.warning("%s: skipping %d tensors of %d stored MTP layer(s) (%s...) that num_mtp_layers=%d leaves out",
+                    path, len(skip), stored_mtp - config.num_mtp_layers, skipped[0], config.num_mtp_layers)
+    if fresh:
+        log.warning("%s: MTP module(s) %s are not in the checkpoint (it stores %d MTP layer(s)); initialised "
+                    "fresh (seed %d) for num_mtp_layers=%d", path, [f"mtp_{k}" for k in fresh], stored_mtp,
+                    mtp_init_seed, config.num_mtp_layers)
+        params.update(_fresh_mtp(config, fresh, dtype, shardings, mtp_init_seed))
     for entry in entries:
         shape = tuple(_tree_get(shapes, entry.path).shape)
         value = _load_entry(st, entry, shape)
@@ -439,9 +523,10 @@ def save_pretrained(model: Transformer, params, path: str, max_shard_bytes: int 
 
     params = layer_stack.unstack_layers(params, model.config)  # the published layout is per layer
     c = model.config.replace(scan_layers=False)
+    hf_config = config_to_hf(c)  # refuses configs transformers cannot load, before anything is written
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(c), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     tensors: dict[str, np.ndarray] = {}
     for entry in key_map(c):
         value = np.asarray(jax.device_get(_tree_get(params, entry.path)),

@@ -131,22 +131,23 @@ def add_mtp_layer(sd: dict, config: dict, seed: int = 7) -> dict:
     return sd
 
 
-FP8_MAX = 448.0
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}  # the largest finite value of each format
 
 
-def quantize_fp8(w: np.ndarray, block: int = 128):
-    """Block-wise e4m3 quantisation as DeepSeek-V3 publishes it: w ~= q * scale_inv per block."""
+def quantize_fp8(w: np.ndarray, block: int = 128, fmt: str = "e4m3"):
+    """Block-wise FP8 quantisation as DeepSeek-V3 publishes it: w ~= q * scale_inv per block."""
     import ml_dtypes
+    dtype = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}[fmt]
     O, I = w.shape
     bo, bi = -(-O // block), -(-I // block)
     scale = np.zeros((bo, bi), np.float32)
-    q = np.zeros((O, I), ml_dtypes.float8_e4m3fn)
+    q = np.zeros((O, I), dtype)
     for a in range(bo):
         for b in range(bi):
             blk = w[a * block:(a + 1) * block, b * block:(b + 1) * block]
-            s = max(float(np.abs(blk).max()) / FP8_MAX, 1e-12)
+            s = max(float(np.abs(blk).max()) / FP8_MAX[fmt], 1e-12)
             scale[a, b] = s
-            q[a * block:(a + 1) * block, b * block:(b + 1) * block] = (blk / s).astype(ml_dtypes.float8_e4m3fn)
+            q[a * block:(a + 1) * block, b * block:(b + 1) * block] = (blk / s).astype(dtype)
     return q, scale
 
 
@@ -157,9 +158,10 @@ def is_fp8_quantised(key: str) -> bool:
 
 
 def write_checkpoint(path: str, config: dict, sd: dict[str, np.ndarray], *, shards: int = 3,
-                     fp8: bool = False) -> dict[str, np.ndarray]:
+                     fp8: bool | str = False) -> dict[str, np.ndarray]:
     """Write config.json + `shards` safetensors files + index. Returns the effective float32
-    weights (dequantised where FP8 was written), i.e. what a correct loader must produce."""
+    weights (dequantised where FP8 was written), i.e. what a correct loader must produce.
+    fp8: False, True / "e4m3" (what V3 publishes) or "e5m2"."""
     t = _torch()
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
@@ -168,8 +170,10 @@ def write_checkpoint(path: str, config: dict, sd: dict[str, np.ndarray], *, shar
     tensors, effective = {}, {}
     for k, v in sd.items():
         if fp8 and v.ndim == 2 and is_fp8_quantised(k):
-            q, s = quantize_fp8(v)
-            tensors[k] = t.from_numpy(q.view(np.uint8).copy()).view(t.float8_e4m3fn)
+            fmt = "e4m3" if fp8 is True else fp8
+            q, s = quantize_fp8(v, fmt=fmt)
+            torch_dtype = {"e4m3": t.float8_e4m3fn, "e5m2": t.float8_e5m2}[fmt]
+            tensors[k] = t.from_numpy(q.view(np.uint8).copy()).view(torch_dtype)
             tensors[k[:-len("weight")] + "weight_scale_inv"] = t.from_numpy(s)
             effective[k] = q.astype(np.float32) * np.repeat(np.repeat(s, 128, 0), 128, 1)[:v.shape[0], :v.shape[1]]
         else:

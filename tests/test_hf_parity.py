@@ -2,11 +2,16 @@
 
 Acceptance (issue 2): max|logits diff| / max|logits| <= 1e-4 in float32, with non-zero router
 bias, group-limited routing, YaRN well past original_max_position_embeddings (32 here, T=96),
-v_head_dim != qk_nope_head_dim, q-LoRA on and off, FP8 blocks (with partial edge blocks),
-an MTP layer, and save_pretrained output loading in transformers with the same logits.
+v_head_dim != qk_nope_head_dim, q-LoRA on and off, FP8 blocks (e4m3 and e5m2, with partial
+edge blocks), an MTP layer, and save_pretrained output loading in transformers with the same
+logits. Issue 15: rms_norm_eps != 1e-6 (MLA's latent norms keep 1e-6), a V3 checkpoint loaded
+without its MTP layer, and a checkpoint written by transformers' own save_pretrained.
 """
+import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 
 import jax
@@ -18,6 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from deepseek_jax import hf  # noqa: E402
+from deepseek_jax.model import Transformer  # noqa: E402
 from tests import hf_fixtures as fx  # noqa: E402
 
 TOL = 1e-4
@@ -85,9 +91,19 @@ def _hf_mtp_logits(hf_model, config, effective, tokens):
         return hf_model.lm_head(norms["shared_head.norm"](y)).numpy()
 
 
-def test_v3_parity_with_mtp_bias_groups_yarn(tmp_path):
+@pytest.fixture(scope="module")
+def v3_mtp(tmp_path_factory):
     config = fx.tiny_v3_config()
-    hf_model, path, effective = _checkpoint(tmp_path, config, mtp=True)
+    hf_model, path, effective = _checkpoint(tmp_path_factory.mktemp("v3_mtp"), config, mtp=True)
+    return config, hf_model, path, effective
+
+
+def _mtp_messages(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "deepseek_jax.hf" and "MTP" in r.getMessage()]
+
+
+def test_v3_parity_with_mtp_bias_groups_yarn(v3_mtp):
+    config, hf_model, path, effective = v3_mtp
     tokens = _tokens(config["vocab_size"])
     model, params, out = _our_out(path, tokens)
     c = model.config
@@ -98,14 +114,79 @@ def test_v3_parity_with_mtp_bias_groups_yarn(tmp_path):
     assert _rel_err(out.mtp_logits[0], _hf_mtp_logits(hf_model, config, effective, tokens)) <= TOL
 
 
-def test_v3_fp8_blocks_without_q_lora(tmp_path):
+def test_v3_without_mtp_skips_stored_mtp(v3_mtp, caplog):
+    """num_mtp_layers=0 on a checkpoint that stores the MTP layer: its tensors are skipped
+    (one log line), as transformers ignores them, and the logits are transformers'."""
+    config, hf_model, path, _ = v3_mtp
+    tokens = _tokens(config["vocab_size"])
+    with caplog.at_level(logging.INFO, logger="deepseek_jax.hf"):
+        model, params = hf.from_pretrained(path, num_mtp_layers=0)
+    (msg,) = _mtp_messages(caplog)
+    assert "skipping" in msg and f"model.layers.{config['num_hidden_layers']}." in msg
+    assert model.config.num_mtp_layers == 0 and not [k for k in params if k.startswith("mtp_")]
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
+    assert out.mtp_logits is None or len(out.mtp_logits) == 0
+    assert _rel_err(out.logits, _hf_logits(hf_model, tokens)) <= TOL
+
+
+@pytest.fixture(scope="module")
+def hf_saved(tmp_path_factory):
+    """A V3 checkpoint written by transformers' own save_pretrained, with rms_norm_eps=0.1: its
+    config.json declares num_nextn_predict_layers=1 (transformers' default) but it holds no MTP
+    tensors (transformers has no MTP module)."""
+    config = fx.tiny_v3_config(rms_norm_eps=0.1)
+    hf_model = fx.build_hf_model(config)
+    path = str(tmp_path_factory.mktemp("hf_saved"))
+    hf_model.save_pretrained(path)
+    assert json.load(open(os.path.join(path, "config.json")))["num_nextn_predict_layers"] == 1
+    assert not [k for k in hf.SafetensorsDir(path).keys() if k.startswith(f"model.layers.{config['num_hidden_layers']}.")]
+    return config, hf_model, path
+
+
+def test_rms_norm_eps_latent_norms_keep_1e6(hf_saved):
+    """rms_norm_eps=0.1 reaches the layer and final norms only; q_a_layernorm / kv_a_layernorm
+    keep 1e-6 in transformers (and DeepSeek's code). Using 0.1 there gave a 0.95 relative error."""
+    config, hf_model, path = hf_saved
+    tokens = _tokens(config["vocab_size"], 5)
+    model, _, out = _our_out(path, tokens)
+    assert model.config.rms_norm_eps == 0.1 and model.config.q_lora_rank
+    assert _rel_err(out.logits, _hf_logits(hf_model, tokens)) <= 2e-4
+
+
+def test_transformers_saved_checkpoint_loads_without_or_with_fresh_mtp(hf_saved, caplog):
+    config, hf_model, path = hf_saved
+    tokens = _tokens(config["vocab_size"], 6)
+    ref = _hf_logits(hf_model, tokens)
+    with caplog.at_level(logging.INFO, logger="deepseek_jax.hf"):
+        model, params = hf.from_pretrained(path)
+    (msg,) = _mtp_messages(caplog)
+    assert "num_nextn_predict_layers=1" in msg and "without" in msg
+    assert model.config.num_mtp_layers == 0 and not [k for k in params if k.startswith("mtp_")]
+    assert _rel_err(jax.jit(model.apply)({"params": params}, jnp.asarray(tokens)).logits, ref) <= 2e-4
+    # A training config that asks for the MTP module gets a fresh one, and is told so.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="deepseek_jax.hf"):
+        model, params = hf.from_pretrained(path, num_mtp_layers=1)
+    (msg,) = _mtp_messages(caplog)
+    assert "mtp_0" in msg and "initialised fresh" in msg
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), hf.abstract_params(model.config))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == want
+    from deepseek_jax.model import init_params
+    fresh = jax.jit(init_params, static_argnums=0)(model.config, jax.random.key(0))["mtp_0"]  # the model's own init
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6), params["mtp_0"], fresh)
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
+    assert _rel_err(out.logits, ref) <= 2e-4 and np.isfinite(np.asarray(out.mtp_logits[0])).all()
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_v3_fp8_blocks_without_q_lora(tmp_path, fmt):
     # hidden 160 = one full 128 block + a partial 32 block on every edge.
     config = fx.tiny_v3_config(q_lora_rank=None, num_nextn_predict_layers=0)
-    hf_model, path, effective = _checkpoint(tmp_path, config, fp8=True)
+    hf_model, path, effective = _checkpoint(tmp_path, config, fp8=fmt)
     key = "model.layers.1.self_attn.q_proj.weight"
-    from safetensors import safe_open  # noqa: F401 (the header must say F8_E4M3)
     st = hf.SafetensorsDir(path)
-    assert str(st.get(key).dtype) == "float8_e4m3fn" and st.get(key[:-6] + "weight_scale_inv").shape == (1, 2)
+    want = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}[fmt]  # the header says F8_E4M3 / F8_E5M2
+    assert str(st.get(key).dtype) == want and st.get(key[:-6] + "weight_scale_inv").shape == (1, 2)
     tokens = _tokens(config["vocab_size"], 1)
     _, _, out = _our_out(path, tokens)
     assert _rel_err(out.logits, _hf_logits(hf_model, tokens)) <= TOL
@@ -206,3 +287,31 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     (tmp_path / "p" / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(hf.CheckpointError, match="pickled"):
         hf.from_pretrained(str(tmp_path / "p"))
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (3, 1), (2, 2)])
+def test_fp8_scale_grid_of_wrong_shape_is_refused(tmp_path, grid):
+    """w [160, 96] needs a (2, 1) grid of 128x128 block scales; before, a larger grid was
+    silently sliced and (1, 1) broadcast."""
+    from safetensors.torch import save_file
+    w = np.random.default_rng(0).standard_normal((160, 96)).astype(np.float32)
+    q, s = fx.quantize_fp8(w)
+    assert s.shape == (2, 1)
+    os.makedirs(tmp_path / "c")
+    save_file({"w.weight": torch.from_numpy(q.view(np.uint8).copy()).view(torch.float8_e4m3fn),
+               "w.weight_scale_inv": torch.ones(grid)}, str(tmp_path / "c" / "model.safetensors"))
+    st = hf.SafetensorsDir(str(tmp_path / "c"))
+    with pytest.raises(hf.CheckpointError, match=r"'w\.weight'.*\(2, 1\).*" + re.escape(str(grid))):
+        hf._read(st, "w.weight")
+
+
+def test_export_refuses_moe_layer_freq():
+    """transformers' DeepseekV2/V3 make every layer from first_k_dense_replace on an MoE layer;
+    a model with dense layers in between (moe_layer_freq > 1) cannot be exported faithfully."""
+    c = hf.config_from_hf(fx.tiny_v3_config(num_hidden_layers=4, num_nextn_predict_layers=0), moe_layer_freq=2)
+    assert [c.is_moe_layer(i) for i in range(4)] == [False, False, True, False]
+    with pytest.raises(hf.CheckpointError, match=r"moe_layer_freq=2: layers \[1, 3\] are dense"):
+        hf.config_to_hf(c)
+    with pytest.raises(hf.CheckpointError, match="moe_layer_freq"):
+        hf.save_pretrained(Transformer(c), {}, "/nonexistent/never-written")
+    assert hf.config_to_hf(dataclasses.replace(c, moe_layer_freq=1))["first_k_dense_replace"] == 1
