@@ -72,8 +72,14 @@ def write(buf_BxSx_: jax.Array, new_BxTx_: jax.Array, index: jax.Array) -> jax.A
     new_BxTx_ = new_BxTx_.astype(buf_BxSx_.dtype)
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice_in_dim(buf_BxSx_, new_BxTx_, index, axis=1)
-    return jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))(
-        buf_BxSx_, new_BxTx_, index)
+    # Per-row slots: a select against each new entry's one-hot slot. XLA:CPU lowers the vmapped
+    # dynamic_update_slice to a scatter, slower than this select at decode sizes.
+    B, S, T = buf_BxSx_.shape[0], buf_BxSx_.shape[1], new_BxTx_.shape[1]
+    extra = (1,) * (buf_BxSx_.ndim - 2)
+    for t in range(T):
+        at_BxS = (jnp.arange(S)[None] == (index + t)[:, None]).reshape((B, S) + extra)
+        buf_BxSx_ = jnp.where(at_BxS, new_BxTx_[:, t:t + 1], buf_BxSx_)
+    return buf_BxSx_
 
 
 def attend_mask(valid_BxS: jax.Array, index: jax.Array, T: int) -> jax.Array:

@@ -31,3 +31,23 @@ def test_quick_json_run(tmp_path):
     text = results.read_text()
     assert text.startswith("# Benchmark results") and "## decode.py, " in text
     assert "| step | absorbed | 2 | 64 |" in text
+
+
+def test_rollout_quick_json_run(tmp_path):
+    """--rollout --quick: every sampler path runs, greedy rollouts agree across paths (the oracle is
+    the plain sampler), and the JSON has the contract's keys (HF's peer is skipped here: loading
+    transformers alone costs more than the run)."""
+    results = tmp_path / "RESULTS.md"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--rollout", "--quick", "--no_hf", "--json", "--results",
+                           str(results)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"plain_tokens_per_s", "best_tokens_per_s", "speedup", "acceptance", "greedy_identical",
+            "hf_tokens_per_s"} <= set(out)
+    assert out["greedy_identical"] is True and out["hf_tokens_per_s"] is None
+    assert set(out["paths"]) == {"plain", "shared_prefill", "mtp", "mtp+shared"}
+    assert out["best_tokens_per_s"] >= out["plain_tokens_per_s"] > 0 and 0 <= out["acceptance"] <= 1
+    assert "## decode.py --rollout, " in results.read_text()

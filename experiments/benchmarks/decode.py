@@ -11,6 +11,11 @@ same logits, and reports ms per step, tokens/s (batch / step time) and the ratio
 runs `rl.sampler.Sampler` end to end (prefill + while_loop) and reports rollout tokens/s.
 A dated section is appended to experiments/benchmarks/RESULTS.md (--quick: only with
 --results).
+
+`--rollout` instead times a GRPO-shaped rollout with the plain sampler, shared prefill, MTP
+speculative decoding and both, against HF `generate` (decode_rollout.py); `--json` then prints
+one object with `plain_tokens_per_s`, `best_tokens_per_s`, `speedup`, `acceptance`,
+`greedy_identical`, `hf_tokens_per_s`.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -171,14 +177,21 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--results", help=f"markdown file to append to (default {DEFAULT_RESULTS}; --quick: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rollout", action="store_true", help="GRPO-shaped rollout: sampler paths vs HF generate")
+    parser.add_argument("--policy", help="--rollout: a training workdir to load (default: train r1_tiny briefly)")
+    parser.add_argument("--train_steps", type=int, default=300, help="--rollout: pretraining steps of the policy")
+    parser.add_argument("--prompts", type=int, help="--rollout: prompts per rollout (default 8; --quick: 2)")
+    parser.add_argument("--threads", type=int, default=2, help="--rollout: torch threads for HF generate")
+    parser.add_argument("--no_hf", action="store_true", help="--rollout: skip the HF generate peer")
     args = parser.parse_args(argv)
     q = args.quick
+    args.prompts = args.prompts or (2 if q else 8)
     args.contexts = [int(t) for t in (args.contexts or ("64" if q else "1024,4096")).split(",")]
     args.batch = args.batch or (2 if q else 4)
     args.steps = args.steps or (2 if q else 8)
     args.new_tokens = args.new_tokens or (8 if q else 128)
     args.prompt_len = args.prompt_len or (8 if q else 64)
-    args.repeats = args.repeats or (1 if q else 5)
+    args.repeats = args.repeats or (1 if q else (7 if args.rollout else 5))
     if args.results is None and not q:
         args.results = str(DEFAULT_RESULTS)
     return args
@@ -186,6 +199,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.rollout:
+        return main_rollout(args)
     config = ModelConfig(**(TINY if args.quick else SMALL_V3), dtype=args.dtype)
     model = Transformer(config)
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(args.seed))
@@ -203,6 +218,20 @@ def main(argv=None):
     if any(r["check"] != "ok" for r in rows):
         raise SystemExit("absorbed and naive decode disagree: see the check column")
     return rows
+
+
+def main_rollout(args):
+    import common
+    import decode_rollout
+
+    summary, body = decode_rollout.bench(args)
+    print(json.dumps(summary) if args.json else body)
+    if args.results:
+        common.write_section(args.results, "decode.py --rollout", body)
+        print(f"wrote its section of {args.results}", file=sys.stderr)
+    if not summary["greedy_identical"]:
+        raise SystemExit("greedy rollouts differ between sampler paths: see greedy_identical")
+    return summary
 
 
 if __name__ == "__main__":
