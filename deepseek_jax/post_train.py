@@ -62,8 +62,8 @@ def checkpoint_model_config(path: str) -> dict:
 
     kind = loading.detect(path)
     if kind == loading.HF:
-        with open(os.path.join(path, "config.json")) as f:
-            return hf.config_from_hf(json.load(f)).to_dict()
+        # load_config: num_mtp_layers as stored (transformers-saved V3 checkpoints declare 1, store 0).
+        return hf.load_config(path).to_dict()
     if kind == loading.ORBAX:
         from deepseek_jax import convert
 
