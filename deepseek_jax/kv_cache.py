@@ -72,8 +72,8 @@ def write(buf_BxSx_: jax.Array, new_BxTx_: jax.Array, index: jax.Array) -> jax.A
     new_BxTx_ = new_BxTx_.astype(buf_BxSx_.dtype)
     if jnp.ndim(index) == 0:
         return jax.lax.dynamic_update_slice_in_dim(buf_BxSx_, new_BxTx_, index, axis=1)
-    # Per-row slots: a select against each new entry's one-hot slot. XLA:CPU lowers the vmapped
-    # dynamic_update_slice to a scatter, slower than this select at decode sizes.
+    # Per-row slots: a select against each new entry's one-hot slot, an elementwise update (a
+    # vmapped dynamic_update_slice lowers to a scatter); slots past the end are dropped, not clamped.
     B, S, T = buf_BxSx_.shape[0], buf_BxSx_.shape[1], new_BxTx_.shape[1]
     extra = (1,) * (buf_BxSx_.ndim - 2)
     for t in range(T):
