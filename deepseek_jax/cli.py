@@ -12,7 +12,8 @@
 * Exit codes: 0 done (also: stopped by SIGTERM after saving), 1 an unexpected error (with
   its traceback), 2 a refused command line or config, 3 a checkpoint save failed (e.g.
   disk full; the last good checkpoint is named, rerun to resume from it), 4 a peer
-  process was lost (multi-host; rerun every process to resume).
+  process was lost (multi-host; rerun every process to resume), 5 out of memory (compiling
+  or running; rerun with a smaller footprint resumes from the last checkpoint).
 * Errors end the process with `os._exit` once the message is out: Orbax's background
   threads otherwise print thousands of "Event loop is closed" lines at interpreter exit.
 """
@@ -26,7 +27,11 @@ import traceback
 from absl import app, flags
 from absl import logging as absl_logging
 
-EXIT_USAGE, EXIT_CHECKPOINT, EXIT_PEER = 2, 3, 4
+EXIT_USAGE, EXIT_CHECKPOINT, EXIT_PEER, EXIT_OOM = 2, 3, 4, 5
+OOM_ADVICE = ("the newest complete checkpoint in the workdir is kept and a rerun resumes from it. To fit: "
+              "raise microbatches, lower data.batch_size or data.seq_len, set remat=full, or shard more "
+              "(mesh.fsdp / mesh.expert); `python -m deepseek_jax.plan --config CFG --devices N` shows the "
+              "bytes per device before a run")
 TRACEBACK_ENV = "DEEPSEEK_JAX_TRACEBACK"
 CONFIG_KEYS_HINT = ("Config keys: every key of deepseek_jax/experiment.py:default_config() (README "
                     "'Configuration'), set as --config.KEY=VALUE, e.g. --config.total_steps=50 "
@@ -48,6 +53,13 @@ def _usage_errors() -> tuple:
 
     return (ConfigError, LoadError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError,
             ValueError, KeyError, app.UsageError, flags.Error)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """XLA's allocation failures (compile-time buffer assignment or run time) on any backend."""
+    text = str(e)
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
 
 
 def _want_traceback(argv) -> bool:
@@ -126,7 +138,10 @@ def run(main, prog: str, doc: str) -> None:
             fail(prog, e, EXIT_PEER, sys.argv)
         except _usage_errors() as e:
             fail(prog, e, EXIT_USAGE, sys.argv)
-        except Exception:  # noqa: BLE001 - unexpected: the whole traceback, then a clean exit
+        except Exception as e:  # noqa: BLE001 - unexpected: the whole traceback, then a clean exit
+            if out_of_memory(e):
+                first = _message(e).split(". ")[0]
+                fail(prog, RuntimeError(f"out of memory ({first}); {OOM_ADVICE}"), EXIT_OOM, sys.argv)
             traceback.print_exc()
             exit_now(1)
 

@@ -264,3 +264,22 @@ def test_failed_start_leaves_no_workdir_and_malformed_json_message(tmp_path):
     (example,) = src.stats.examples
     assert "at at" not in example and "at column" in example
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_out_of_memory_is_one_message_with_exit_5(tmp_path):
+    """A real XLA allocation failure (RESOURCE_EXHAUSTED) ends as one line with advice, exit 5."""
+    script = tmp_path / "oom.py"
+    script.write_text(
+        "import jax, jax.numpy as jnp\n"
+        "from deepseek_jax import cli\n"
+        "def main(argv):\n"
+        "    jax.jit(lambda: jnp.ones((2**40,), jnp.float32))().block_until_ready()  # 4 TiB\n"
+        "cli.run(main, 'oom', 'doc')\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("DEEPSEEK_JAX_TRACEBACK", None)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120,
+                         preexec_fn=lambda: __import__("resource").setrlimit(
+                             __import__("resource").RLIMIT_AS, (16 << 30, 16 << 30)))
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 5, res.stderr[-2000:]
+    assert len(lines) <= 2 and "out of memory" in lines[-1] and "deepseek_jax.plan" in lines[-1], lines
