@@ -10,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
 REPO = BENCH.parents[1]
@@ -87,6 +89,8 @@ def test_train_step_vs_hf_quick_json_and_section(tmp_path):
                           *hf_args).strip().splitlines()[-1])
     assert {"tokens_per_s", "hf_tokens_per_s", "ratio", "mfu", "dtype"} <= set(out)
     assert out["dtype"] == "bfloat16" and out["tokens_per_s"] > 0 and out["mfu"] > 0
+    B, T = 2, 32  # the --quick batch
+    np.testing.assert_allclose(out["head_flops_share"], 6 * 64 * 512 * B * T / out["flops_per_step"], rtol=1e-9)
     text = results.read_text()
     assert "## train_step_vs_hf.py, " in text and "| ours bfloat16 |" in text
     if _has_hf():
@@ -95,11 +99,39 @@ def test_train_step_vs_hf_quick_json_and_section(tmp_path):
         assert "| hf grouped_mm |" in text and "| hf eager |" in text
 
 
+def test_bench_model_flops_match_the_built_model():
+    """The FLOPs every train-step MFU divides by (deepseek_jax.inspect on the bench config)
+    against the parameter tree actually built: 6 x activated matmul weights (all but the
+    embedding and the routed experts a token skips) + causal attention 3 L H (d_qk + d_v) T."""
+    import jax
+    from flax import linen as nn
+
+    import train_step_vs_hf as bench
+    from deepseek_jax import inspect as ds_inspect, sharding
+    from deepseek_jax.model import Transformer
+
+    c = bench.model_config(quick=False)
+    params = nn.meta.unbox(sharding.abstract_params(Transformer(c)))
+    flat = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    size = lambda shape: int(np.prod(shape))  # noqa: E731
+    matmul = sum(size(s) for k, s in flat.items() if len(s) >= 2 and "embedding" not in k)
+    routed = sum(size(s) for k, s in flat.items() if len(s) == 3 and "shared" not in k
+                 and any(w in k for w in ("gate_proj", "up_proj", "down_proj")))
+    activated = matmul - routed + routed * c.num_experts_per_tok // c.n_routed_experts
+    T = bench.BENCH_SEQ
+    attn = 3 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * T
+    flops = ds_inspect.model_stats(c, seq_len=T)["flops_per_token"]
+    assert flops == 6 * activated + attn
+    # The output head dominates at vocab 32000 (issue 4 quotes ~77%).
+    assert 0.7 < 6 * c.hidden_size * c.vocab_size / flops < 0.85
+
+
 def test_step_breakdown_quick_json():
     out = json.loads(_run("step_breakdown.py", "--quick", "--json").strip().splitlines()[-1])
     parts = out["parts_ms"]
     assert {"attention", "MoE router", "MoE experts", "head + CE", "optimizer", "full step"} <= set(parts)
     assert out["tokens_per_s"] > 0 and out["xla_flops"] > 0
+    assert parts["forward only (whole model, loss)"] > 0
 
 
 def test_gpu_suite_quick_writes_a_checked_section(tmp_path):

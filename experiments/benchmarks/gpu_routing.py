@@ -6,7 +6,7 @@
 For each shape it draws fresh random logits (and bias), checks `route` against
 `route_reference` (same expert sets per token, weights within 1e-5), then times the
 forward and forward+backward of both (median of --repeats runs, block_until_ready),
-prints a table and appends a dated section to experiments/benchmarks/RESULTS.md.
+prints a table and replaces its dated section of experiments/benchmarks/RESULTS.md.
 Near-tied tokens may legitimately flip between two float implementations (the GPU's
 exp differs from XLA's in the last bit), so up to 1e-3 of the rows may differ in their
 expert set; weights are compared on the rows that agree. --quick writes a section only
@@ -15,7 +15,6 @@ when --results is given, so smoke runs leave RESULTS.md alone.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import pathlib
 import statistics
@@ -33,7 +32,6 @@ import numpy as np  # noqa: E402
 from pallas_kernels import routing  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "experiments" / "benchmarks" / "RESULTS.md"
-RESULTS_HEADER = "# Benchmark results\n\nEach benchmark script appends its own dated section; newest last.\n"
 MODELS = {  # REFERENCES.md: V3 sigmoid + bias + top-2-sum groups, V2 softmax + max groups
     "V3": dict(E=256, top_k=8, n_groups=8, topk_groups=4, score_func="sigmoid", group_score="top2_sum",
                norm_topk=True, scale=2.5, bias=True),
@@ -99,18 +97,14 @@ def format_table(rows):
 
 
 def append_results(path, table, args, interpret):
-    path = pathlib.Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(RESULTS_HEADER)
+    """Replaces this script's section of the markdown file at `path` (common.write_section)."""
+    import common
+
     device = jax.devices()[0]
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = (f"\n## gpu_routing.py, {stamp}\n\n"
-               f"Device: {device.platform} {device.device_kind}; jax {jax.__version__}; "
-               f"{'interpret mode' if interpret else 'compiled (Triton lowering)'}; median of {args.repeats}; "
-               f"command: `python experiments/benchmarks/gpu_routing.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
-    with path.open("a") as f:
-        f.write(section)
+    body = (f"Device: {device.platform} {device.device_kind}; jax {jax.__version__}; "
+            f"{'interpret mode' if interpret else 'compiled (Triton lowering)'}; median of {args.repeats}; "
+            f"command: `python experiments/benchmarks/gpu_routing.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
+    common.write_section(path, "gpu_routing.py", body)
 
 
 def parse_args(argv):
@@ -119,7 +113,7 @@ def parse_args(argv):
     parser.add_argument("--tokens", help="comma-separated T (default 4096,16384,65536; --quick: 37)")
     parser.add_argument("--block_ts", help="comma-separated kernel block_t (default 8,16,32; --quick: 16)")
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (default 20; --quick: 2)")
-    parser.add_argument("--results", help=f"markdown file to append to (default {DEFAULT_RESULTS}; --quick: none)")
+    parser.add_argument("--results", help=f"markdown file whose gpu_routing.py section is replaced (default {DEFAULT_RESULTS}; --quick: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -147,7 +141,7 @@ def main(argv=None):
     print(table)
     if args.results:
         append_results(args.results, table, args, interpret)
-        print(f"appended to {args.results}")
+        print(f"wrote the gpu_routing.py section of {args.results}")
     if any(r["check"] != "ok" for r in rows):
         raise SystemExit("kernel and reference disagree: see the check column")
     return rows

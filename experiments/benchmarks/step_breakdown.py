@@ -23,6 +23,8 @@ interleaved (common.alternate) and their medians multiplied by how often a step 
   optimizer        global-norm clip + AdamW over every parameter (+ frozen router bias)
   rest             full step - sum of the parts: residual adds, MoE statistics and balance
                    loss, the bias rule, gradient norm, and what fusion across parts saves
+  forward only     the whole model's pretrain loss, forward alone (not a part, not summed):
+                   against the full step it shows what the backward pass and optimizer cost
 
 Also printed: XLA's own FLOP count of the compiled step (`jax.stages.Compiled.cost_analysis`)
 against the model FLOPs that MFU uses, which exposes work the model formula does not count
@@ -44,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import train_step_vs_hf as bench  # noqa: E402
-from deepseek_jax import inspect as ds_inspect, moe as moe_lib  # noqa: E402
+from deepseek_jax import inspect as ds_inspect, moe as moe_lib, train_step  # noqa: E402
 from deepseek_jax.attention import MLA, attention_mask  # noqa: E402
 from deepseek_jax.layers import MLP, Embed, RMSNorm, matmul_2d, rope_cos_sin  # noqa: E402
 from deepseek_jax.losses import token_logprobs  # noqa: E402
@@ -162,6 +164,7 @@ def parts(cfg, params, batch_np, seed: int = 0) -> dict:
     return out
 
 
+FORWARD = "forward only (whole model, loss)"
 SUMMED = ("embedding", "attention", "dense MLP", "MoE router", "MoE experts", "shared experts", "head + CE",
           "optimizer")
 
@@ -172,7 +175,7 @@ def run(args) -> dict:
     cfg = bench.model_config(quick, args.dtype)
     B, T = (bench.QUICK_BATCH, bench.QUICK_SEQ) if quick else (bench.BENCH_BATCH, bench.BENCH_SEQ)
     batch_np = bench.make_batch(cfg.vocab_size, B, T, args.seed)
-    step_fn, holder, params0, _ = bench.build_ours(cfg, batch_np, args.seed)
+    step_fn, holder, params0, model = bench.build_ours(cfg, batch_np, args.seed)
     # XLA's count of the compiled step's FLOPs (forward, backward, optimizer); lowered before
     # the first run, which donates the state.
     cost = holder["step"].lower(holder["state"], holder["batch"]).compile().cost_analysis()
@@ -180,6 +183,10 @@ def run(args) -> dict:
     xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     params = jax.tree.map(jnp.asarray, params0)
     fns = parts(cfg, params, batch_np, args.seed)
+    loss_fn = train_step.bind_loss("pretrain", model, bench.LOSS)
+    forward = jax.jit(lambda p, b: loss_fn(p, b, None)[0])
+    batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    fns[FORWARD] = (lambda: forward(params, batch), 1)
     flops_per_step = ds_inspect.model_stats(cfg, seq_len=T)["flops_per_token"] * B * T
 
     peak = common.matmul_peak_flops(args.dtype, n=1024 if quick else 2048)
@@ -195,6 +202,7 @@ def run(args) -> dict:
     rows.append(dict(part="rest (step - sum of parts)", ms_per_call=float("nan"), calls=1,
                      ms_per_step=1e3 * (step_s - summed), share=(step_s - summed) / step_s))
     rows.append(dict(part="full step", ms_per_call=1e3 * step_s, calls=1, ms_per_step=1e3 * step_s, share=1.0))
+    rows.append(rows.pop(next(i for i, r in enumerate(rows) if r["part"] == FORWARD)))  # after the sum, apart
     return dict(dtype=args.dtype, batch=B, seq=T, step_s=step_s, tokens_per_s=B * T / step_s,
                 mfu=flops_per_step / step_s / peak, peak=peak, model_flops=flops_per_step, xla_flops=xla_flops,
                 rows=rows, machine=common.machine_info(), model=bench.describe(cfg))
