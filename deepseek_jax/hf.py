@@ -452,7 +452,9 @@ def from_pretrained(path: str, dtype=jnp.float32, shardings=None, mtp_init_seed:
     if layer_stack.stacks(config) is not None:
         # Scanned layers: read the published per-layer layout, then stack it (layer_stack.py).
         # The stacks are assembled on one device before `shardings` places them.
-        _, params = from_pretrained(path, dtype, None, mtp_init_seed, **(config_overrides | {"scan_layers": False}))
+        # num_mtp_layers as resolved above, so load_config does not warn a second time.
+        overrides = config_overrides | {"scan_layers": False, "num_mtp_layers": config.num_mtp_layers}
+        _, params = from_pretrained(path, dtype, None, mtp_init_seed, **overrides)
         params = layer_stack.stack_layers(params, config)
         return Transformer(config), params if shardings is None else jax.device_put(params, shardings)
     stored_mtp = mtp_layers_stored(st.keys(), config.num_hidden_layers)

@@ -73,7 +73,7 @@ def abstract_param_tree(config: ModelConfig):
     kinds = [config.is_moe_layer(i) for i in range(config.num_hidden_layers)]
     distinct = sorted(set(kinds))  # [False], [True] or [False, True]
     small = config.replace(num_hidden_layers=len(distinct), first_k_dense_replace=int(False in distinct),
-                           moe_layer_freq=1)
+                           moe_layer_freq=1, scan_layers=False)  # per-layer templates (interleaved kinds)
     tree = dict(abstract_params(Transformer(small), batch=1, length=1))
     template = {kind: tree.pop(f"layers_{j}") for j, kind in enumerate(distinct)}
     tree.update({f"layers_{i}": template[kind] for i, kind in enumerate(kinds)})
