@@ -1,5 +1,5 @@
 """experiments/benchmarks/decode.py --quick --json runs, its absorbed and naive decodes agree,
-and it appends a section (to a temporary RESULTS.md, never the repository's).
+and it writes its section (to a temporary RESULTS.md, never the repository's).
 
 A subprocess, so the command line runs exactly as a user types it; it shares the tests'
 persistent compilation cache, since the run is mostly compile time.

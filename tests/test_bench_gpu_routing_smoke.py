@@ -1,6 +1,6 @@
 """experiments/benchmarks/gpu_routing.py --quick runs on CPU, passes its own check, writes its section.
 
-Run as a subprocess so the command line, argument defaults and the file it appends to
+Run as a subprocess so the command line, argument defaults and the file it writes its section to
 are exercised exactly as a user runs them; the section goes to a temporary file, never
 to the repository's RESULTS.md.
 """
@@ -12,7 +12,7 @@ import sys
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "gpu_routing.py"
 
 
-def test_quick_run_checks_kernel_and_appends_a_section(tmp_path):
+def test_quick_run_checks_kernel_and_writes_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--results", str(results)],

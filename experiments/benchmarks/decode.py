@@ -9,8 +9,8 @@ the sampler's loop) for the absorbed decode (attention over the [C + R] latent) 
 naive one (K/V re-expanded from the latent for every slot each step), checks both give the
 same logits, and reports ms per step, tokens/s (batch / step time) and the ratio. Then it
 runs `rl.sampler.Sampler` end to end (prefill + while_loop) and reports rollout tokens/s.
-A dated section is appended to experiments/benchmarks/RESULTS.md (--quick: only with
---results).
+The dated decode.py section of experiments/benchmarks/RESULTS.md is replaced (--quick: only
+with --results).
 
 `--rollout` instead times a GRPO-shaped rollout with the plain sampler, shared prefill, MTP
 speculative decoding and both, against HF `generate` (decode_rollout.py); `--json` then prints
@@ -20,7 +20,6 @@ one object with `plain_tokens_per_s`, `best_tokens_per_s`, `speedup`, `acceptanc
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -43,7 +42,6 @@ from deepseek_jax.model import Transformer, init_params  # noqa: E402
 from deepseek_jax.rl.sampler import Sampler  # noqa: E402
 
 DEFAULT_RESULTS = REPO / "experiments" / "benchmarks" / "RESULTS.md"
-RESULTS_HEADER = "# Benchmark results\n\nEach benchmark script appends its own dated section; newest last.\n"
 # V3's shape ratios shrunk: C = 4 x qk_nope, R = qk_nope / 2, sigmoid group routing, first layer dense.
 SMALL_V3 = dict(vocab_size=2048, hidden_size=512, num_hidden_layers=4, intermediate_size=1024,
                 max_position_embeddings=8192, attention="mla", num_attention_heads=8, q_lora_rank=192,
@@ -146,22 +144,18 @@ def format_table(rows, config):
 
 
 def append_results(path, table, args, config):
-    path = pathlib.Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(RESULTS_HEADER)
+    """Replaces this script's section of the markdown file at `path` (common.write_section)."""
+    import common
+
     device = jax.devices()[0]
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = (f"\n## decode.py, {stamp}\n\n"
-               f"Device: {device.platform} {device.device_kind} ({platform.processor() or platform.machine()}, "
-               f"{jax.local_device_count()} jax device(s)); jax {jax.__version__}; {config.dtype}; "
-               f"model: {'TINY' if args.quick else 'SMALL_V3'} ({config.num_hidden_layers} layers, "
-               f"D {config.hidden_size}, H {config.num_attention_heads}, C {config.kv_lora_rank}, "
-               f"R {config.qk_rope_head_dim}, E {config.n_routed_experts}); median of {args.repeats}; "
-               f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; command: "
-               f"`python experiments/benchmarks/decode.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
-    with path.open("a") as f:
-        f.write(section)
+    body = (f"Device: {device.platform} {device.device_kind} ({platform.processor() or platform.machine()}, "
+            f"{jax.local_device_count()} jax device(s)); jax {jax.__version__}; {config.dtype}; "
+            f"model: {'TINY' if args.quick else 'SMALL_V3'} ({config.num_hidden_layers} layers, "
+            f"D {config.hidden_size}, H {config.num_attention_heads}, C {config.kv_lora_rank}, "
+            f"R {config.qk_rope_head_dim}, E {config.n_routed_experts}); median of {args.repeats}; "
+            f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; command: "
+            f"`python experiments/benchmarks/decode.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
+    common.write_section(path, "decode.py", body)
 
 
 def parse_args(argv):
@@ -175,7 +169,7 @@ def parse_args(argv):
     parser.add_argument("--prompt_len", type=int, help="rollout prompt length (default 64; --quick: 8)")
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (default 5; --quick: 1)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--results", help=f"markdown file to append to (default {DEFAULT_RESULTS}; --quick: none)")
+    parser.add_argument("--results", help=f"markdown file whose decode.py section is replaced (default {DEFAULT_RESULTS}; --quick: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rollout", action="store_true", help="GRPO-shaped rollout: sampler paths vs HF generate")
     parser.add_argument("--policy", help="--rollout: a training workdir to load (default: train r1_tiny briefly)")
@@ -214,7 +208,7 @@ def main(argv=None):
     print(json.dumps(rows) if args.json else table)
     if args.results:
         append_results(args.results, table, args, config)
-        print(f"appended to {args.results}", file=sys.stderr)
+        print(f"wrote the decode.py section of {args.results}", file=sys.stderr)
     if any(r["check"] != "ok" for r in rows):
         raise SystemExit("absorbed and naive decode disagree: see the check column")
     return rows
