@@ -364,6 +364,8 @@ def _normalisers(name: str, batch, cfg: LossConfig):
 def _forward(model, params, batch):
     # Models that can skip their output head leave it to `_per_token` (no [B, T, V] logits).
     hidden = {"return_hidden": True} if "return_hidden" in inspect.signature(type(model).__call__).parameters else {}
+    if "expert_ids" in batch:  # router replay (grpo.router_replay): route to the rollout's experts
+        hidden["expert_ids"] = batch["expert_ids"]
     return model.apply({"params": params}, batch["tokens"], positions=batch.get("positions"),
                        segment_ids=batch.get("segment_ids"), **hidden)
 

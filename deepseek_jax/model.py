@@ -48,8 +48,10 @@ class Block(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, x_BxTxD, cos, sin, mask, valid_BxT, cache=None, index=None, absorbed=True):
-        """(x, MoE stats), plus the updated layer cache when `cache` is given."""
+    def __call__(self, x_BxTxD, cos, sin, mask, valid_BxT, cache=None, index=None, absorbed=True,
+                 forced_ids_BxTxK=None):
+        """(x, MoE stats), plus the updated layer cache when `cache` is given.
+        forced_ids_BxTxK: router replay for an MoE block (moe.route; -1 = route normally)."""
         c = self.config
         attn_cls = MLA if c.attention == "mla" else MHA
         x_norm = RMSNorm(c.rms_norm_eps, name="attn_norm")(x_BxTxD)
@@ -60,7 +62,7 @@ class Block(nn.Module):
         x_BxTxD = constrain(x_BxTxD + h, ("batch", "length", "embed"))
         y = RMSNorm(c.rms_norm_eps, name="mlp_norm")(x_BxTxD)
         if self.moe:
-            y, stats = MoE(c, name="mlp")(y, valid_BxT)
+            y, stats = MoE(c, name="mlp")(y, valid_BxT, forced_ids_BxTxK)
         else:
             y, stats = MLP(c.hidden_size, c.intermediate_size, jnp.dtype(c.dtype), name="mlp")(y), None
         x_BxTxD = constrain(x_BxTxD + y, ("batch", "length", "embed"))
@@ -117,7 +119,7 @@ def _stack_stats(stats: list) -> Optional[MoEStats]:
     return MoEStats(
         counts=stack("counts"), probs=stack("probs"), router_z=stack("router_z"),
         tokens=first[0] if isinstance(stats[0], _Stacked) else first, dropped=stack("dropped"),
-        group_tokens=stack("group_tokens"), seq_balance=stack("seq_balance"))
+        group_tokens=stack("group_tokens"), seq_balance=stack("seq_balance"), expert_ids=stack("expert_ids"))
 
 
 def _scan(body, block: nn.Module, count: int, x_BxTxD: jax.Array, xs=None):
@@ -142,8 +144,14 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, cache: Optional[kv_cache.KVCache] = None,
-                 absorbed: bool = True, return_hidden: bool = False):
+                 absorbed: bool = True, return_hidden: bool = False, expert_ids: Optional[jax.Array] = None):
         """ModelOutput; with `cache`, (ModelOutput, updated cache) for prefill / decode.
+
+        `expert_ids` [B, T, L, K] int32 (no cache; L = the main model's MoE layers in order):
+        router replay (grpo.router_replay). Token (b, t) goes to experts expert_ids[b, t, l] in
+        MoE layer l, gates recomputed from the current router logits (moe.forced_gates); rows of
+        -1 (prompt padding, unrecorded tokens) route normally, as do the MTP modules. The
+        experts every token went to come back in `moe.expert_ids` [L (+ MTP), B, T, K].
 
         `return_hidden=True` (training losses, no cache) skips the output head: logits and
         mtp_logits are None, and `hidden`, `mtp_hidden` and `head_kernel` let the loss apply
@@ -159,6 +167,10 @@ class Transformer(nn.Module):
         dt = jnp.dtype(c.dtype)
         B, T = tokens_BxT.shape
         valid_BxT = None if segment_ids is None else segment_ids != 0
+        n_moe = sum(map(c.is_moe_layer, range(c.num_hidden_layers)))
+        if expert_ids is not None and (cache is not None or expert_ids.shape != (B, T, n_moe, c.num_experts_per_tok)):
+            raise ValueError(f"expert_ids has shape {expert_ids.shape}; router replay needs [B, T, MoE layers, K] = "
+                             f"{(B, T, n_moe, c.num_experts_per_tok)} and no cache (the training forward)")
         if cache is not None:
             if positions is not None:
                 raise ValueError("Transformer(cache=...) derives positions from the cache (real tokens per row); "
@@ -178,9 +190,10 @@ class Transformer(nn.Module):
         stats, layer_caches = [], []
         groups = layer_stack.stacks(c)
         for g in groups or ():
-            if cache is None:
-                body = lambda blk, x_BxTxD, _: blk(x_BxTxD, cos, sin, mask, segment_ids)
-                x, s = _scan(body, block_cls(c, g.moe, name=g.name), g.count, x)
+            if cache is None:  # router replay: each MoE layer's forced ids are the scan's xs
+                body = lambda blk, x_BxTxD, ids: blk(x_BxTxD, cos, sin, mask, segment_ids, None, None, True, ids)
+                xs = jnp.moveaxis(expert_ids, 2, 0) if (g.moe and expert_ids is not None) else None
+                x, s = _scan(body, block_cls(c, g.moe, name=g.name), g.count, x, xs)
             else:  # the cache stays per layer (kv_cache.KVCache): stacked for the scan, split after
                 def body(blk, x_BxTxD, layer):
                     x_BxTxD, s, layer = blk(x_BxTxD, cos, sin, mask, valid_BxT, layer, index, absorbed)
@@ -189,10 +202,15 @@ class Transformer(nn.Module):
                 x, (s, layers) = _scan(body, Block(dropless_config(c), g.moe, name=g.name), g.count, x, stacked)
                 layer_caches += [jax.tree.map(lambda a, j=j: a[j], layers) for j in range(g.count)]
             stats.append(None if s is None else _Stacked(s))
+        moe_index = 0  # the MoE layer ordinal of layer i (router replay's layer axis)
         for i in range(0 if groups is not None else c.num_hidden_layers):
+            forced = None
+            if expert_ids is not None and c.is_moe_layer(i):
+                forced, moe_index = expert_ids[:, :, moe_index], moe_index + 1
             if cache is None:
                 # Segment ids, not just the mask: the MoE's sequence-wise balance loss is per document.
-                x, s = block_cls(c, c.is_moe_layer(i), name=f"layers_{i}")(x, cos, sin, mask, segment_ids)
+                x, s = block_cls(c, c.is_moe_layer(i), name=f"layers_{i}")(x, cos, sin, mask, segment_ids,
+                                                                           None, None, True, forced)
             else:  # no remat: generation never differentiates; and never drops tokens
                 x, s, layer = Block(dropless_config(c), c.is_moe_layer(i), name=f"layers_{i}")(
                     x, cos, sin, mask, valid_BxT, cache.layers[i], index, absorbed)

@@ -28,7 +28,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.dispatch import (  # noqa: F401  (re-exported)
     dropless_tile_rows, expert_capacity, expert_ffn, expert_ffn_capacity, expert_ffn_dense,
     expert_ffn_dropless, gmm, grouped_ffn, grouped_impl, permute_rows, tile_layout)
-from deepseek_jax.layers import MLP, param_with_axes
+from deepseek_jax.layers import MLP, constrain, param_with_axes
 from deepseek_jax.outputs import MoEStats
 from pallas_kernels import routing as routing_lib
 
@@ -48,16 +48,45 @@ def routing_args(c: ModelConfig) -> dict:
                 group_score=c.group_score, norm_topk=norm, scale=scale)
 
 
-def route(logits_NxE: jax.Array, bias_E: Optional[jax.Array], c: ModelConfig):
-    """Dispatch to the routing implementation named by `config.routing_impl`."""
+def route(logits_NxE: jax.Array, bias_E: Optional[jax.Array], c: ModelConfig,
+          forced_ids_NxK: Optional[jax.Array] = None):
+    """Dispatch to the routing implementation named by `config.routing_impl`.
+
+    forced_ids_NxK (router replay, grpo.router_replay): a token whose K ids are all >= 0 goes
+    to those experts, its gates recomputed from THESE logits (`forced_gates`); a row of -1
+    routes normally.
+    """
     impl = c.routing_impl
     on_gpu = gpu_kernels.target_platform() == "gpu"  # a CPU host lowering for "cuda" too
     if impl == "auto":
         impl = "pallas" if on_gpu else "xla"
     kwargs = routing_args(c)
     if impl == "pallas":
-        return routing_lib.route(logits_NxE, bias_E, interpret=not on_gpu, **kwargs)
-    return routing_lib.route_reference(logits_NxE, bias_E, **kwargs)
+        kernel = lambda lg, *b: routing_lib.route(lg, *(b or (None,)), interpret=not on_gpu, **kwargs)
+    else:
+        kernel = lambda lg, *b: routing_lib.route_reference(lg, *(b or (None,)), **kwargs)
+    # Per device on its own tokens: plain jit would all-gather the step's tokens for TopK.
+    shared = () if bias_E is None else (bias_E,)
+    weights_NxK, ids_NxK = expert_parallel.per_device(kernel, (logits_NxE,), shared)
+    if forced_ids_NxK is None:
+        return weights_NxK, ids_NxK
+    forced_N = jnp.all(forced_ids_NxK >= 0, axis=-1)
+    ids_NxK = jnp.where(forced_N[:, None], forced_ids_NxK.astype(jnp.int32), ids_NxK)
+    weights_NxK = jnp.where(forced_N[:, None], forced_gates(logits_NxE, ids_NxK, c), weights_NxK)
+    return weights_NxK, ids_NxK
+
+
+def forced_gates(logits_NxE: jax.Array, ids_NxK: jax.Array, c: ModelConfig) -> jax.Array:
+    """[N, K] float32 gates of GIVEN experts from the current router logits: what routing gives
+    when it selects them. The un-biased scores s (softmax or sigmoid over all E; the bias only
+    selects), renormalised over the K and scaled exactly as `routing_args` says (V3: renormalise
+    then scale; V2: renormalise or scale). Differentiable: the router learns through the gates
+    of the replayed experts."""
+    a = routing_args(c)
+    w_NxK = jnp.take_along_axis(routing_lib.scores_from_logits(logits_NxE, c.scoring_func), ids_NxK, axis=-1)
+    if a["norm_topk"]:
+        w_NxK = w_NxK / (w_NxK.sum(axis=-1, keepdims=True) + routing_lib._NORM_EPS)
+    return w_NxK * a["scale"]
 
 
 def protected_rows(B: int, fraction: float) -> np.ndarray:
@@ -92,12 +121,17 @@ class MoE(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD: jax.Array, valid_BxT: Optional[jax.Array] = None):
+    def __call__(self, x_BxTxD: jax.Array, valid_BxT: Optional[jax.Array] = None,
+                 forced_ids_BxTxK: Optional[jax.Array] = None):
+        """forced_ids_BxTxK: router replay (`route`); -1 rows route normally. The stats'
+        `expert_ids` [B, T, K] are the experts each token went to (what a sampler records)."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         B, T, D = x_BxTxD.shape
         E, F = c.n_routed_experts, c.moe_intermediate_size
-        x_NxD = x_BxTxD.reshape(B * T, D)
+        # Tokens stay split over every batch-like mesh axis (data, fsdp, expert) into the
+        # per-device routing, statistics and expert shard_maps (no reshuffle at their borders).
+        x_NxD = constrain(x_BxTxD.reshape(B * T, D), ("batch", None))
 
         router_DxE = param_with_axes(self, "router", (D, E), ("embed", None))
         bias_E = None
@@ -106,7 +140,9 @@ class MoE(nn.Module):
             bias_E = jax.lax.stop_gradient(
                 param_with_axes(self, "e_score_correction_bias", (E,), (None,), nn.initializers.zeros))
         logits_NxE = jnp.dot(x_NxD.astype(jnp.float32), router_DxE, precision=jax.lax.Precision.HIGHEST)
-        weights_NxK, ids_NxK = route(logits_NxE, bias_E, c)
+        logits_NxE = constrain(logits_NxE, ("batch", None))
+        forced_NxK = None if forced_ids_BxTxK is None else forced_ids_BxTxK.reshape(B * T, -1)
+        weights_NxK, ids_NxK = route(logits_NxE, bias_E, c, forced_NxK)
 
         w_gate = param_with_axes(self, "gate_proj", (E, D, F), ("expert", "embed", "mlp")).astype(dt)
         w_up = param_with_axes(self, "up_proj", (E, D, F), ("expert", "embed", "mlp")).astype(dt)
@@ -120,7 +156,13 @@ class MoE(nn.Module):
         y_BxTxD = routed_NxD.reshape(B, T, D).astype(dt)
         if c.n_shared_experts:
             y_BxTxD = y_BxTxD + MLP(D, F * c.n_shared_experts, dt, name="shared_experts")(x_BxTxD)
-        return y_BxTxD, routing_stats(logits_NxE, ids_NxK, valid_BxT, B, T, c) | {"dropped": dropped}
+        # Per device on its own rows (whole rows: the batch dim is split); the loss sums the
+        # [B, E] results, an [E]-sized reduction, instead of gathering [tokens, E].
+        valid = jnp.ones((B, T), jnp.int32) if valid_BxT is None else valid_BxT  # = None's meaning
+        stats = expert_parallel.per_device(
+            lambda lg, i, v: routing_stats(lg, i, v, v.shape[0], T, c), (logits_NxE, ids_NxK, valid))
+        return y_BxTxD, stats | {
+            "dropped": dropped, "expert_ids": ids_NxK.reshape(B, T, -1)}
 
 
 def routing_stats(logits_NxE, ids_NxK, valid_BxT, B, T, c: ModelConfig) -> dict:

@@ -29,6 +29,9 @@ class MoEStats:
     # [L, B] V3's sequence-wise balance loss sum_i f_i P_i (eq. 17-20, no alpha) per DOCUMENT
     # (segment), averaged over the documents of each row: packed rows hold several sequences.
     seq_balance: Optional[jax.Array] = None
+    # [L, B, T, K] int32 the experts each token was routed to (not a sum: a sampler records
+    # them for router replay, grpo.router_replay; the training forward replays them).
+    expert_ids: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from deepseek_jax import losses
+from deepseek_jax.config import ConfigError
 from deepseek_jax.model import inference_model
 from deepseek_jax.data import synthetic
 from deepseek_jax.rl import advantages as adv_lib
@@ -63,6 +64,9 @@ def default_grpo_config() -> ml_collections.ConfigDict:
         eval_temperature=0.0,  # 0 = greedy
         speculative="",  # "mtp": MTP self-speculative rollouts (same distribution, fewer steps)
         tis_cap=0.0,  # > 0: truncated importance sampling, weight min(pi_old_train / pi_sampler, cap)
+        # Router replay: the sampler records each token's experts per MoE layer and every training /
+        # reference forward routes the rollout's tokens to them (gates from the current router).
+        router_replay=False,
         sample_texts=4,  # completions written to TensorBoard per log step
         # Your prompts and rewards (post_train.py): JSONL/Parquet files with a `prompt` or `messages`
         # column plus any others (passed to the rewards); "" = the embedded tasks above.
@@ -118,8 +122,17 @@ class GRPO:
         # Rollouts and their log-probs never drop tokens (model.inference_model), whatever
         # the training dispatch: a sample must not depend on the other rows of its batch.
         self.inference_model = inference_model(parts.model)
+        self.router_replay = bool(self.g.get("router_replay", False))
+        if self.router_replay and not parts.model.config.is_moe:
+            raise ConfigError("grpo.router_replay=True replays MoE routing; this model has no MoE layers: "
+                              "set grpo.router_replay=False")
+        if self.router_replay and self.g.get("speculative"):
+            raise ConfigError(f"grpo.router_replay=True with grpo.speculative={self.g.speculative!r} is not "
+                              "supported (speculative rollouts do not record expert ids): set "
+                              "grpo.speculative='' or grpo.router_replay=False")
         self.sampler = Sampler(self.inference_model, self.g.max_prompt_len, self.g.max_new_tokens,
-                               pad_id=tokenizer.pad_id, speculative=self.g.get("speculative") or None)
+                               pad_id=tokenizer.pad_id, speculative=self.g.get("speculative") or None,
+                               record_experts=self.router_replay)
         self.tis_cap = float(self.g.get("tis_cap", 0.0))
         self._train_logprobs = jax.jit(self._train_logprobs_impl)
         loss_cfg = losses.LossConfig.coerce(dict(cfg.get("loss_config", {})))
@@ -142,12 +155,12 @@ class GRPO:
 
     def _logprobs_impl(self, params, batch):
         out = self.inference_model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                                         segment_ids=batch["segment_ids"])
+                                         segment_ids=batch["segment_ids"], expert_ids=batch.get("expert_ids"))
         return losses.token_logprobs(out.logits / self.policy_temperature, batch["targets"])[0]
 
     def _train_logprobs_impl(self, params, batch):
         out = self.parts.model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                                     segment_ids=batch["segment_ids"])
+                                     segment_ids=batch["segment_ids"], expert_ids=batch.get("expert_ids"))
         return losses.token_logprobs(out.logits, batch["targets"])[0]
 
     def train_logprobs(self, params, batch: dict) -> np.ndarray:
@@ -155,7 +168,7 @@ class GRPO:
         trainer's view of the rollout policy, compared with the sampler's every step."""
         from deepseek_jax.trainer import global_batch
 
-        keys = ("tokens", "positions", "segment_ids", "targets")
+        keys = ("tokens", "positions", "segment_ids", "targets") + (("expert_ids",) if "expert_ids" in batch else ())
         with self._in_mesh():
             return np.asarray(self._train_logprobs(params, global_batch({k: batch[k] for k in keys},
                                                                        self.parts.mesh)))
@@ -164,7 +177,7 @@ class GRPO:
         """log pi(target) at the policy temperature for every column of a GRPO batch."""
         from deepseek_jax.trainer import global_batch  # the trainer's host -> global array helper
 
-        keys = ("tokens", "positions", "segment_ids", "targets")
+        keys = ("tokens", "positions", "segment_ids", "targets") + (("expert_ids",) if "expert_ids" in batch else ())
         with self._in_mesh():
             return np.asarray(self._logprobs(params, global_batch({k: batch[k] for k in keys},
                                                                  self.parts.mesh)))
@@ -198,6 +211,8 @@ class GRPO:
         if self.g.mask_truncated:
             keep &= ~truncated
         batch = adv_lib.build_grpo_batch(*jax.device_get(sample.sequences()), sample.logprobs, advantages, keep)
+        if self.router_replay:  # aligned with the batch's input tokens (column t feeds token t)
+            batch["expert_ids"] = np.asarray(sample.expert_ids)[:, :-1]
         # The sampler (cached decode, other shapes, dropless dispatch) and the trainer disagree
         # slightly, MoE routing amplifying it (a token near a top-k boundary takes another
         # expert): logged every step, and corrected for with grpo.tis_cap.

@@ -48,6 +48,11 @@ class SampleOutput:
     # speculative="mtp" only: per row, drafts verified and drafts accepted (else None)
     drafts: Optional[jax.Array] = None
     accepted: Optional[jax.Array] = None
+    # record_experts=True only: [B, P+N, L, K] int32, aligned with `sequences()`' tokens, the
+    # experts each prompt and completion token went to in each MoE layer (router replay); -1
+    # for padding and for each row's last completion token (never fed back, it routes nothing
+    # a log-prob depends on).
+    expert_ids: Optional[jax.Array] = None
 
     def sequences(self):
         """The prompt + completion as one training batch for `model.apply` (e.g. GRPO):
@@ -110,11 +115,13 @@ class Sampler:
     `vocab_limit`: never sample ids >= it (a checkpoint's embedding rows past the tokenizer's
     vocabulary); the reported log-probs stay the model's full-vocabulary log-softmax.
     `speculative`: None (one token per step) or "mtp" (rl/speculative.py; needs MTP modules).
+    `record_experts`: return each token's expert ids per MoE layer (SampleOutput.expert_ids),
+    from the prefill and from the decode step that fed the token, for router replay.
     """
 
     def __init__(self, model: Transformer, max_prompt_len: int, max_new_tokens: int, pad_id: int = 0,
                  absorbed: bool = True, cache_dtype=None, vocab_limit: Optional[int] = None,
-                 speculative: Optional[str] = None):
+                 speculative: Optional[str] = None, record_experts: bool = False):
         if max_prompt_len < 1 or max_new_tokens < 1:
             raise ValueError(f"need max_prompt_len >= 1 and max_new_tokens >= 1; got "
                              f"{max_prompt_len}, {max_new_tokens}")
@@ -123,6 +130,14 @@ class Sampler:
         if speculative == "mtp" and not model.config.num_mtp_layers:
             raise ValueError("speculative='mtp' drafts with MTP module 0; the model has num_mtp_layers=0 "
                              "(use speculative=None, or a config with num_mtp_layers >= 1)")
+        if record_experts and not model.config.is_moe:
+            raise ValueError("record_experts=True records MoE routing; this model has no MoE layers "
+                             "(n_routed_experts=0): use record_experts=False")
+        if record_experts and speculative:
+            raise ValueError(f"record_experts=True with speculative={speculative!r} is not supported "
+                             "(the verify forward's ids are not recorded yet): use speculative=None "
+                             "with router replay (grpo.speculative='' with grpo.router_replay=True)")
+        self.record_experts = record_experts
         self.model, self.pad_id, self.absorbed = model, pad_id, absorbed
         self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
         self.cache_dtype, self.vocab_limit, self.speculative = cache_dtype, vocab_limit, speculative
@@ -201,11 +216,15 @@ class Sampler:
                                         mtp_layer)
         # Left padding puts every row's last prompt token in the last column.
         last_logits_BxV, last_hidden_BxD = out.logits[:, -1], out.hidden[:, -1]
+        # [B, P, L, K] the prompt tokens' experts (-1 on left padding); then per decode step
+        prompt_ids = (jnp.where(valid_BxP[:, :, None, None], jnp.moveaxis(out.moe.expert_ids, 0, 2), -1)
+                      if self.record_experts else None)
         if G > 1:  # the group's samples share the prefill: broadcast its results to G rows each
             rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731
             cache = kv_cache.repeat_rows(cache, G)
             prompt_BxP, lengths_B, last_logits_BxV, last_hidden_BxD = map(
                 rep, (prompt_BxP, lengths_B, last_logits_BxV, last_hidden_BxD))
+            prompt_ids = None if prompt_ids is None else rep(prompt_ids)
             if self.speculative:
                 mtp_layer = jax.tree.map(rep, mtp_layer)
         B = prompt_BxP.shape[0]
@@ -228,19 +247,32 @@ class Sampler:
                 params, cache, mtp_layer, last_hidden_BxD, first, rng, temperature, top_p, top_k, stop_S)
         else:
             def cond(state):
-                i, _, _, done_B, _, _ = state
+                i, _, _, done_B, _, _, _ = state
                 return (i < N) & ~jnp.all(done_B)
 
             def body(state):
-                i, cache, token_B, done_B, tokens_BxN, logprobs_BxN = state
+                i, cache, token_B, done_B, tokens_BxN, logprobs_BxN, ids_BxNxLxK = state
                 out, cache = apply(token_B[:, None], cache=cache, absorbed=self.absorbed)
-                return (i + 1, cache) + pick(i, out.logits[:, 0], done_B, tokens_BxN, logprobs_BxN)
+                if ids_BxNxLxK is not None:  # the fed token is completion slot i - 1
+                    ids_BxNxLxK = ids_BxNxLxK.at[:, i - 1].set(jnp.moveaxis(out.moe.expert_ids[:, :, 0], 0, 1))
+                return (i + 1, cache) + pick(i, out.logits[:, 0], done_B, tokens_BxN, logprobs_BxN) + (ids_BxNxLxK,)
 
-            _, _, _, _, tokens_BxN, logprobs_BxN = jax.lax.while_loop(cond, body, (jnp.int32(1), cache) + first)
+            ids0 = None
+            if self.record_experts:
+                ids0 = jnp.full((B, N) + prompt_ids.shape[2:], -1, jnp.int32)
+            _, _, _, _, tokens_BxN, logprobs_BxN, ids_BxNxLxK = jax.lax.while_loop(
+                cond, body, (jnp.int32(1), cache) + first + (ids0,))
+            if self.record_experts:
+                extra["expert_ids"] = ids_BxNxLxK
         # A position is sampled iff no stop token came strictly before it.
         stopped_BxN = jnp.isin(tokens_BxN, stop_S)
         mask_BxN = jnp.cumsum(stopped_BxN, axis=1) - stopped_BxN == 0
         tokens_BxN = jnp.where(mask_BxN, tokens_BxN, self.pad_id)
+        if self.record_experts:
+            lengths_N = mask_BxN.sum(axis=1)
+            fed_BxN = jnp.arange(N)[None] < lengths_N[:, None] - 1  # a row's last token is never fed
+            ids_BxNxLxK = jnp.where(fed_BxN[:, :, None, None], extra["expert_ids"], -1)
+            extra["expert_ids"] = jnp.concatenate([prompt_ids, ids_BxNxLxK], axis=1)
         return SampleOutput(prompt_tokens=prompt_BxP, prompt_lengths=lengths_B, tokens=tokens_BxN, mask=mask_BxN,
                             lengths=mask_BxN.sum(axis=1, dtype=jnp.int32),
                             logprobs=jnp.where(mask_BxN, logprobs_BxN, 0.0), **extra)
