@@ -56,6 +56,27 @@ def active_mesh():
     return None if mesh is None or mesh.empty else mesh
 
 
+def per_device(fn, split, shared=(), mesh=None):
+    """fn(*split, *shared) run on each device's own tokens: `split` arrays are divided on their
+    leading (token or row) dim over the batch axes (data, fsdp, expert), `shared` ones replicated;
+    every output's leading dim is split the same way.
+
+    For token-wise work (routing, per-row statistics). XLA's SPMD partitioner replicates
+    TopK (and scatters whose indices it cannot prove per-token), so under plain jit it
+    all-gathers every token of the step to each device. Without a mesh, with one data-parallel
+    device or a leading dim the devices do not divide, it is just fn(*split, *shared).
+    """
+    mesh = mesh if mesh is not None else active_mesh()
+    batch_axes = tuple(a for a in BATCH_AXES if mesh is not None and a in mesh.axis_names)
+    dp = math.prod(mesh.shape[a] for a in batch_axes) if batch_axes else 1
+    if dp == 1 or any(a.shape[0] % dp for a in split):
+        return fn(*split, *shared)
+    specs = (P(batch_axes),) * len(split) + (P(),) * len(shared)
+    # check_vma off: a Pallas routing kernel declares no varying axes; gradients of the
+    # replicated `shared` inputs are summed over the devices by shard_map's transpose.
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(batch_axes), check_vma=False)(*split, *shared)
+
+
 def routed_experts(x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK, ids_NxK, c: ModelConfig,
                    mesh=None, priority_NxK=None, check_vma=None):
     """The routed experts' combined output [N, D] and dropped copies (int32 scalar).
