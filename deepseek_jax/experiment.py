@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import typing
 from typing import Optional, Sequence
 
 import ml_collections
@@ -29,9 +30,9 @@ from deepseek_jax.optim import OptimizerConfig
 def default_config() -> ml_collections.ConfigDict:
     """Every key the trainer reads, with its default. Config files override a few."""
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict()  # ModelConfig fields; unset ones keep their defaults
-    # Layers as scanned stacks (ModelConfig.scan_layers); listed so --config.model.scan_layers works.
-    c.model.scan_layers = ModelConfig.scan_layers
+    # Every ModelConfig field, unset (None) unless a config sets it: config_flags refuses keys the
+    # ConfigDict lacks, so this is what lets `--config.model.FIELD=...` reach any field.
+    c.model = model_defaults()
     c.loss = "pretrain"  # a name in losses.LOSSES
     c.loss_config = ml_collections.ConfigDict()  # LossConfig fields
     c.total_steps = 100
@@ -69,6 +70,30 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# ModelConfig fields that come from execution keys (compute_dtype, remat, moe.*), not cfg.model.
+EXECUTION_FIELDS = ("dtype", "remat", "moe_dispatch", "capacity_factor", "routing_impl", "capacity_policy")
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+    """`default_config().model`: every ModelConfig field but the execution ones, unset.
+
+    Unset = a typed placeholder (None), so config_flags accepts `--config.model.FIELD=...`
+    for a field the config file does not set; `model_config` leaves the None ones out, so
+    ModelConfig's own defaults apply, and the workdir check and `init_from` still see only
+    the fields a config or the command line set. rope_scaling (a dict) is a plain None: set
+    it in a config file. scan_layers keeps its value (listed before every field was).
+    """
+    hints = typing.get_type_hints(ModelConfig)
+    out = ml_collections.ConfigDict()
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in EXECUTION_FIELDS:
+            continue
+        kind = type(f.default) if f.default is not None else (int if int in typing.get_args(hints[f.name]) else None)
+        out[f.name] = ml_collections.config_dict.placeholder(kind) if kind else None
+    out.scan_layers = ModelConfig.scan_layers
+    return out
+
+
 def _dataclass_defaults(cls) -> dict:
     out = {}
     for f in dataclasses.fields(cls):
@@ -79,7 +104,7 @@ def _dataclass_defaults(cls) -> dict:
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     """The frozen ModelConfig for `cfg`: its `model` section plus the execution choices."""
-    fields = dict(cfg.model.to_dict())
+    fields = {k: v for k, v in cfg.model.to_dict().items() if v is not None}  # None = unset: the default
     fields.update(dtype=cfg.get("compute_dtype", fields.get("dtype", "float32")),
                   remat=cfg.get("remat", fields.get("remat", "none")))
     moe = cfg.get("moe")
@@ -144,7 +169,8 @@ def _set_dotted(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
     except (ValueError, SyntaxError):
         value = text  # a bare string
     current = node.get(leaf)
-    if isinstance(current, bool) and isinstance(value, str):
+    if isinstance(value, str) and (isinstance(current, bool) or (
+            current is None and leaf in node and node.get_type(leaf) is bool)):  # an unset bool field
         value = text.lower() in ("1", "true", "yes")
     elif isinstance(current, float) and isinstance(value, int):
         value = float(value)

@@ -95,7 +95,8 @@ def resolve_init_from(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     theirs = {k: v for k, v in checkpoint_model_config(path).items() if k not in _EXECUTION_FIELDS}
     ours = cfg.model.to_dict()
     for key, value in ours.items():
-        if key in _EXECUTION_FIELDS or key not in theirs:
+        # None: a field the config does not set (experiment.model_defaults lists every one unset).
+        if value is None or key in _EXECUTION_FIELDS or key not in theirs:
             continue
         if key == "num_mtp_layers" and value < 0:
             continue  # configs/post_train.py's "whatever the checkpoint has"

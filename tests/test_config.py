@@ -3,6 +3,7 @@
 Oracles: the published config.json values / safetensors shapes of the DeepSeek releases and
 the token counts of the papers; paper-size models are only traced (jax.eval_shape).
 """
+import dataclasses
 import glob
 import os
 
@@ -69,6 +70,72 @@ def test_load_config_overrides_parse_like_config_flags():
     assert mc.dtype == "float32"  # runlocal computes in float32
     with pytest.raises(ConfigError, match="expected key=value"):
         experiment.load_config(_path("tiny_v3"), ["model.hidden_size"])
+
+
+def test_command_line_overrides_any_model_field():
+    """`--config.model.FIELD=...` through config_flags with the config locked, as
+    `python -m deepseek_jax.train` parses it, for fields configs/tiny_v3.py does not set."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    def parse(*overrides):
+        argv = ["train", f"--config={_path('tiny_v3')}", *overrides]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+        fv(argv)
+        return fv.config
+
+    base = experiment.model_config(parse())
+    mc = experiment.model_config(parse("--config.model.attention_impl=blockwise", "--config.model.head_dim=24",
+                                       "--config.model.rope_theta=500", "--config.model.scan_layers=true"))
+    assert (base.attention_impl, base.head_dim, base.rope_theta, base.scan_layers) == ("auto", None, 10000.0, False)
+    assert (mc.attention_impl, mc.head_dim, mc.rope_theta, mc.scan_layers) == ("blockwise", 24, 500.0, True)
+    # Nothing else moved: the unset fields still carry ModelConfig's own defaults.
+    changed = {k for k, v in mc.to_dict().items() if base.to_dict()[k] != v}
+    assert changed == {"attention_impl", "head_dim", "rope_theta", "scan_layers"}
+    assert ModelConfig().attention_impl == "auto" and ModelConfig().head_dim is None
+    # A key that is no ModelConfig field is still refused, and so is an execution field
+    # (compute_dtype / moe.* set those).
+    for bad in ("--config.model.attention_implementation=blockwise", "--config.model.dtype=float32"):
+        with pytest.raises(Exception, match="attention_implementation|dtype"):
+            parse(bad)
+    # load_config (the Python twin) parses an unset field by its type too.
+    twin = experiment.load_config(_path("tiny_v3"), ["model.attention_impl=blockwise", "model.rope_interleave=false"])
+    assert (twin.model.attention_impl, twin.model.rope_interleave) == ("blockwise", False)
+
+
+def test_resume_and_init_from_treat_unlisted_model_fields_as_defaults(tmp_path):
+    """Workdirs saved when cfg.model held only the fields a config set still resume, and
+    init_from still refuses a real architecture override (post_train.resolve_init_from)."""
+    import json
+
+    from deepseek_jax import loading, post_train, trainer
+
+    cfg = experiment.load_config(_path("tiny_v3"))
+    old = json.loads(cfg.to_json_best_effort())
+    # The old config.json had only what configs/tiny_v3.py sets; the new one lists every field.
+    old["model"] = {k: v for k, v in old["model"].items() if v is not None}
+    assert 0 < len(old["model"]) < len(cfg.model) == len(dataclasses.fields(ModelConfig)) - 6
+    assert "attention_impl" not in old["model"] and experiment.model_config(cfg).attention_impl == "auto"
+    os.makedirs(tmp_path / "checkpoints" / "1")
+    (tmp_path / "checkpoints" / "1" / loading.COMMIT_MARKER).write_text("")
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert loading.complete_steps(str(tmp_path)) == [1]
+    trainer.check_workdir(cfg, str(tmp_path))  # every other field was its default then too
+    cfg.model.attention_impl = "blockwise"
+    with pytest.raises(ConfigError, match="model.attention_impl"):
+        trainer.check_workdir(cfg, str(tmp_path))
+
+    # init_from: the checkpoint's model wins over fields left at their defaults; a changed one is refused.
+    ckpt = experiment.load_config(_path("tiny_v3"), ["model.hidden_size=48"])
+    os.makedirs(tmp_path / "ckpt" / "checkpoints")
+    (tmp_path / "ckpt" / "config.json").write_text(ckpt.to_json_best_effort())
+    post = experiment.load_config(_path("post_train") + ":sft", [f"init_from={tmp_path / 'ckpt'}"])
+    resolved = post_train.resolve_init_from(post)
+    assert experiment.model_config(resolved).hidden_size == 48
+    post.model.hidden_size = 96
+    with pytest.raises(ConfigError, match="model.hidden_size=96"):
+        post_train.resolve_init_from(post)
 
 
 def test_load_config_variants():

@@ -53,8 +53,8 @@ def load_policy(args):
     from deepseek_jax.model import Transformer, init_params
 
     if args.quick:  # an untrained tiny MLA + MoE + MTP model: the smoke test's code paths
-        fields = dict(experiment.load_config(str(REPO / "configs/r1_tiny.py:pretrain")).model.to_dict(),
-                      num_hidden_layers=2, hidden_size=32)
+        model = experiment.load_config(str(REPO / "configs/r1_tiny.py:pretrain")).model.to_dict()
+        fields = dict({k: v for k, v in model.items() if v is not None}, num_hidden_layers=2, hidden_size=32)
         config = ModelConfig(**fields)
         return Transformer(config), jax.jit(init_params, static_argnums=0)(config, jax.random.key(0)), \
             get_tokenizer("byte")
