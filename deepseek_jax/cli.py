@@ -107,6 +107,28 @@ class _OrbaxErrorFilter(logging.Filter):
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
+def _is_closed_loop_noise(exc_type, exc) -> bool:
+    return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def _drop_closed_loop_noise() -> None:
+    """tensorstore's callbacks for a failed Orbax save land on an asyncio loop that is already
+    closed and report each RuntimeError as unraisable (one traceback per pending write:
+    hundreds when a disk fills). The save's own error reaches the main thread, so these are
+    dropped unless a traceback was asked for."""
+    default_excepthook, default_unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def excepthook(exc_type, exc, tb):
+        if not _is_closed_loop_noise(exc_type, exc):
+            default_excepthook(exc_type, exc, tb)
+
+    def unraisablehook(unraisable):
+        if not _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
+            default_unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def quiet_logs() -> None:
     """Our progress at INFO, libraries that log through absl (Orbax) at WARNING."""
     if not flags.FLAGS.is_parsed() or not flags.FLAGS["verbosity"].present:
@@ -130,6 +152,8 @@ def run(main, prog: str, doc: str) -> None:
 
     def guarded(argv):
         quiet_logs()
+        if not _want_traceback(sys.argv):
+            _drop_closed_loop_noise()
         try:
             main(argv)
         except SaveFailed as e:
