@@ -79,6 +79,16 @@ def steps(setup):
                 grpo_fn=grpo)
 
 
+@pytest.fixture(scope="module")
+def step_2data_x_4expert(setup):
+    """One compiled pretraining step on a 2 data x 4 expert mesh, shared by two tests."""
+    s = setup
+    mesh = sharding.make_mesh(dict(data=2, expert=4))
+    step = train_step.make_train_step(s["model"], train_step.bind_loss("pretrain", s["model"], s["loss_cfg"]),
+                                      s["optimizer"], mesh, s["rules"], bias_update_rate=RATE)
+    return mesh, step
+
+
 def _grpo_batch(batch, seed=0):
     rng = np.random.default_rng(seed)
     logp = np.log(rng.uniform(0.001, 0.01, (B, T))).astype(np.float32)
@@ -165,17 +175,20 @@ def test_tiny_v3_pretraining_loss_falls(setup, steps, batches):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_cfg", [dict(data=2, expert=4), dict(data=8)], ids=["2data_x_4expert", "8data"])
-def test_meshes_match_single_device(setup, steps, batches, mesh_cfg):
+def test_meshes_match_single_device(setup, steps, batches, mesh_cfg, request):
     s = setup
     state = _copy(s["state0"])
     ref = []
     for batch in batches[:3]:
         state, m = steps["one"](state, batch)
         ref.append(float(m["loss"]))
-    mesh = sharding.make_mesh(mesh_cfg)
+    if mesh_cfg == dict(data=2, expert=4):
+        mesh, step = request.getfixturevalue("step_2data_x_4expert")
+    else:
+        mesh = sharding.make_mesh(mesh_cfg)
+        step = train_step.make_train_step(s["model"], train_step.bind_loss("pretrain", s["model"], s["loss_cfg"]),
+                                          s["optimizer"], mesh, s["rules"], bias_update_rate=RATE)
     state = train_step.create_train_state(s["model"], s["optimizer"], mesh, s["rules"], seed=0)
-    step = train_step.make_train_step(s["model"], train_step.bind_loss("pretrain", s["model"], s["loss_cfg"]),
-                                      s["optimizer"], mesh, s["rules"], bias_update_rate=RATE)
     got = []
     for batch in batches[:3]:
         state, m = step(state, batch)
@@ -183,13 +196,13 @@ def test_meshes_match_single_device(setup, steps, batches, mesh_cfg):
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 
-def test_bias_update_uses_the_global_load_on_every_replica(setup, batches):
+def test_bias_update_uses_the_global_load_on_every_replica(setup, batches, step_2data_x_4expert):
     """V3 §2.1.2 through the real step on a 2 data x 4 expert mesh: a router skewed differently
     for the two data shards' rows, so each shard's own load would move some biases the other
     way; every replica's bias must move by RATE * sign(mean - GLOBAL load) (numpy oracle from
     the global counts of a single-device forward of the same params)."""
     s = setup
-    mesh = sharding.make_mesh(dict(data=2, expert=4))
+    mesh, step = step_2data_x_4expert
     state = train_step.create_train_state(s["model"], s["optimizer"], mesh, s["rules"], seed=0)
     params = jax.device_get(state.params)
     batch = dict(batches[0])
@@ -215,8 +228,6 @@ def test_bias_update_uses_the_global_load_on_every_replica(setup, batches):
     sign = lambda load: np.sign(load.mean(-1, keepdims=True) - load)
     # Positive control: a per-shard update would differ from the global one.
     assert any(np.any(sign(h) != sign(glob)) for h in halves)
-    step = train_step.make_train_step(s["model"], train_step.bind_loss("pretrain", s["model"], s["loss_cfg"]),
-                                      s["optimizer"], mesh, s["rules"], bias_update_rate=RATE)
     bias0 = [np.asarray(b) for b in _biases(params)]
     new_state, m = step(state, batch)
     np.testing.assert_array_equal(np.asarray(m["moe/expert_counts"]), glob)
