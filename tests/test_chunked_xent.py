@@ -119,3 +119,38 @@ def test_losses_chunked_equal_full_logits(name, monkeypatch):
         assert _rel(metrics_f[k], metrics_c[k]) <= 1e-5, k
     for a, b in zip(jax.tree.leaves(grads_f), jax.tree.leaves(grads_c)):
         assert _rel(a, b) <= 1e-4
+
+
+def test_map_head_under_a_mesh_gathers_the_head_once_and_reduces_its_gradient_once():
+    """On an 8-way fsdp mesh (rows and the head's D dim split) with 8 chunks: values and
+    gradients equal the single-device ones, and the compiled step moves the head weight once
+    each way (hlo_stats counts a while body's collectives times its trip count); plain jit
+    all-gathers it and all-reduces dW once per chunk."""
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from deepseek_jax import hlo_stats, sharding
+
+    B, T, D, V, n = 8, 64, 16, 256, 8
+    r = np.random.default_rng(0)
+    h = jnp.asarray(r.normal(size=(B, T, D)), jnp.float32)
+    w = jnp.asarray(r.normal(size=(D, V)), jnp.float32)
+    t = jnp.asarray(r.integers(0, V, (B, T)))
+
+    def loss(h, w, t):
+        return -jnp.sum(chunked_xent.map_head(lambda lg, t: L.token_logprobs(lg, t)[0], h, w, t, chunk=n) ** 2)
+
+    want = jax.jit(jax.value_and_grad(loss, (0, 1)))(h, w, t)
+    mesh = sharding.make_mesh({"fsdp": 8})
+    rows, w_sh = NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P("fsdp", None))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.logical_rules()):
+        step = jax.jit(jax.value_and_grad(loss, (0, 1)), in_shardings=(rows, w_sh, rows),
+                       out_shardings=(None, (rows, w_sh)))
+        got = step(h, w, t)
+        text = step.lower(h, w, t).compile().as_text()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert _rel(b, a) <= 1e-5
+    w_bytes = D * V * 4
+    moved = [c for c in hlo_stats.analyze(text, 8)["collectives"] if c.bytes >= w_bytes]
+    assert sorted((c.kind, c.count) for c in moved) in (
+        [("all-gather", 1.0), ("all-reduce", 1.0)], [("all-gather", 1.0), ("reduce-scatter", 1.0)]), moved
