@@ -27,17 +27,34 @@ GQA = ModelConfig(vocab_size=6, hidden_size=32, num_hidden_layers=2, intermediat
                   num_attention_heads=4, num_key_value_heads=2, num_mtp_layers=1)
 P, N = 8, 12
 PROMPTS = [[1, 2, 3, 4, 5], [3], [5, 1, 2, 3, 4, 5, 1, 2]]
+G = 3  # samples per prompt in the shared-prefill tests
+# Nine distinct prompts: the greedy and TIS tests run the batch shape [9, P] that the shared-prefill
+# test's repeated prompts already compiled (a sampler compiles once per batch shape).
+PROMPTS9 = PROMPTS + [[2, 2], [4, 1, 5], [5], [1, 1, 1, 1, 1, 1, 1, 1], [3, 5, 2, 4], [2, 4, 2, 4, 2, 4]]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.lru_cache(maxsize=None)
+def _init(config):
+    return jax.jit(init_params, static_argnums=0)(config, jax.random.key(1))
+
+
+@functools.lru_cache(maxsize=None)
 def _params(config, scale):
     # Scaled up from the 0.02 init so next-token distributions are far from uniform.
-    return jax.tree.map(lambda p: p * scale if p.ndim >= 2 else p, init_params(config, jax.random.key(1)))
+    return jax.tree.map(lambda p: p * scale if p.ndim >= 2 else p, _init(config))
 
 
 @functools.lru_cache(maxsize=None)
 def _sampler(config, max_prompt_len, max_new_tokens, speculative):
     return sampler_lib.Sampler(Transformer(config), max_prompt_len, max_new_tokens, speculative=speculative)
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(config):
+    """The model's forward (training or cached), compiled: eager Flax costs far more than one compile."""
+    model = Transformer(config)
+    return jax.jit(lambda params, tokens, **kw: model.apply({"params": params}, tokens, **kw),
+                   static_argnames=("absorbed",))
 
 
 def _repeating_mtp(params):
@@ -65,18 +82,18 @@ def _repeating_mtp(params):
 def test_greedy_speculative_equals_plain(config):
     params = _repeating_mtp(_params(config, 6.0))
     plain, fast = _sampler(config, P, N, None), _sampler(config, P, N, "mtp")
-    ref = plain.generate(params, PROMPTS, jax.random.key(0), temperature=0.0)
-    out = fast.generate(params, PROMPTS, jax.random.key(0), temperature=0.0)
+    ref = plain.generate(params, PROMPTS9, jax.random.key(0), temperature=0.0)
+    out = fast.generate(params, PROMPTS9, jax.random.key(0), temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
     # Both branches ran: some drafts accepted (two tokens per step), some rejected (roll back).
     drafts, accepted = int(out.drafts.sum()), int(out.accepted.sum())
     assert 0 < accepted < drafts, (accepted, drafts)
-    assert drafts < len(PROMPTS) * (N - 1)  # fewer verify steps than plain decode steps
+    assert drafts < len(PROMPTS9) * (N - 1)  # fewer verify steps than plain decode steps
     # Stop tokens: rows stop at different steps, some right after an accepted draft.
     for stop in ([int(ref.tokens[0, 2])], [int(ref.tokens[1, 4]), int(ref.tokens[2, 7])]):
-        ref_s = plain.generate(params, PROMPTS, jax.random.key(0), temperature=0.0, stop_tokens=stop)
-        out_s = fast.generate(params, PROMPTS, jax.random.key(0), temperature=0.0, stop_tokens=stop)
+        ref_s = plain.generate(params, PROMPTS9, jax.random.key(0), temperature=0.0, stop_tokens=stop)
+        out_s = fast.generate(params, PROMPTS9, jax.random.key(0), temperature=0.0, stop_tokens=stop)
         np.testing.assert_array_equal(np.asarray(out_s.tokens), np.asarray(ref_s.tokens))
         np.testing.assert_array_equal(np.asarray(out_s.mask), np.asarray(ref_s.mask))
         assert int(ref_s.lengths.min()) < N
@@ -84,7 +101,6 @@ def test_greedy_speculative_equals_plain(config):
 
 def test_shared_prefill_equals_repeated_prompts():
     params = _params(MLA, 6.0)
-    G = 3
     for speculative in (None, "mtp"):
         sampler = _sampler(MLA, P, N, speculative)
         shared = sampler.generate(params, PROMPTS, jax.random.key(0), temperature=0.0, num_samples=G)
@@ -105,48 +121,52 @@ def test_cached_mtp_drafts_equal_training_forward(config):
     seq = np.concatenate([prompts, np.array([[1, 4, 2], [0, 5, 5], [3, 3, 1]])], axis=1)  # P + 3 columns
     valid = np.arange(P + 3)[None] >= P - lengths[:, None]
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
-    full = model.apply({"params": params}, seq, positions=positions, segment_ids=valid.astype(np.int32))
-    want = np.asarray(full.mtp_logits[0])  # column j predicts token j + 2
-
     B = len(PROMPTS)
-    cache = kv_cache.init_cache(config, B, P + 4)
-    layer = spec.init_mtp_layer(config, B, P + 4)
-    out, cache = model.apply({"params": params}, seq[:, :P], segment_ids=valid[:, :P].astype(np.int32),
-                             cache=cache, absorbed=False)
-    layer = spec.mtp_prefill(config, params, out.hidden, seq[:, :P], valid[:, :P], cache, layer)
-    cache = kv_cache.per_row(cache)
-    got, layer = spec.draft_logits(config, params, out.hidden[:, -1:], seq[:, P:P + 1], cache, cache.index - 1,
-                                   cache.lengths - 1, np.ones((B, 1), bool), layer)
-    np.testing.assert_allclose(np.asarray(got[:, 0]), want[:, P - 1], atol=1e-4)
-    index, lengths = cache.index, cache.lengths
-    out, cache = model.apply({"params": params}, seq[:, P:P + 2], cache=cache)
-    got, layer = spec.draft_logits(config, params, out.hidden, seq[:, P + 1:P + 3], cache, index, lengths,
-                                   np.ones((B, 2), bool), layer)
-    np.testing.assert_allclose(np.asarray(got), want[:, P:P + 2], atol=1e-4)
+
+    @jax.jit  # one compile for the whole test (eager Flax costs far more)
+    def both_ways(params):
+        full = model.apply({"params": params}, seq, positions=positions, segment_ids=valid.astype(np.int32))
+        cache = kv_cache.init_cache(config, B, P + 4)
+        layer = spec.init_mtp_layer(config, B, P + 4)
+        out, cache = model.apply({"params": params}, seq[:, :P], segment_ids=valid[:, :P].astype(np.int32),
+                                 cache=cache, absorbed=False)
+        layer = spec.mtp_prefill(config, params, out.hidden, seq[:, :P], valid[:, :P], cache, layer)
+        cache = kv_cache.per_row(cache)
+        one, layer = spec.draft_logits(config, params, out.hidden[:, -1:], seq[:, P:P + 1], cache, cache.index - 1,
+                                       cache.lengths - 1, np.ones((B, 1), bool), layer)
+        index, lengths = cache.index, cache.lengths
+        out, cache = model.apply({"params": params}, seq[:, P:P + 2], cache=cache)
+        two, layer = spec.draft_logits(config, params, out.hidden, seq[:, P + 1:P + 3], cache, index, lengths,
+                                       np.ones((B, 2), bool), layer)
+        return full.mtp_logits[0], one, two
+
+    want, one, two = (np.asarray(x) for x in both_ways(params))  # want: column j predicts token j + 2
+    np.testing.assert_allclose(one[:, 0], want[:, P - 1], atol=1e-4)
+    np.testing.assert_allclose(two, want[:, P:P + 2], atol=1e-4)
 
 
 def test_cache_after_rejected_draft_equals_cache_that_never_saw_it():
     config = MLA
-    model, params = Transformer(config), _params(config, 6.0)
+    params = _params(config, 6.0)
     prompts, lengths = sampler_lib.left_pad(PROMPTS, P, 0)
     B = len(PROMPTS)
-    apply = functools.partial(model.apply, {"params": params})
+    apply = _apply(config)
     cache = kv_cache.init_cache(config, B, P + 3)
-    _, cache = apply(prompts, segment_ids=(np.arange(P)[None] >= P - lengths[:, None]).astype(np.int32),
+    _, cache = apply(params, prompts, segment_ids=(np.arange(P)[None] >= P - lengths[:, None]).astype(np.int32),
                      cache=cache, absorbed=False)
     cache = kv_cache.per_row(cache)
     token, draft, after = np.array([[1], [2], [3]]), np.array([[4], [5], [0]]), np.array([[2], [2], [5]])
-    _, spec_cache = apply(np.concatenate([token, draft], axis=1), cache=cache)
+    _, spec_cache = apply(params, np.concatenate([token, draft], axis=1), cache=cache)
     spec_cache = kv_cache.truncate(spec_cache, cache.index + 1)  # every draft rejected
-    _, never = apply(token, cache=cache)
+    _, never = apply(params, token, cache=cache)
     np.testing.assert_array_equal(np.asarray(spec_cache.valid), np.asarray(never.valid))
     np.testing.assert_array_equal(np.asarray(spec_cache.index), np.asarray(never.index))
     seen = np.arange(P + 3) < np.asarray(never.index)[:, None]
     for a, b in zip(jax.tree.leaves(spec_cache.layers), jax.tree.leaves(never.layers)):
         np.testing.assert_allclose(np.asarray(a)[seen], np.asarray(b)[seen], atol=1e-6)
     # The next token overwrites the rejected slot: the caches are then equal everywhere.
-    out_s, spec_cache = apply(after, cache=spec_cache)
-    out_n, never = apply(after, cache=never)
+    out_s, spec_cache = apply(params, after, cache=spec_cache)
+    out_n, never = apply(params, after, cache=never)
     np.testing.assert_allclose(np.asarray(out_s.logits), np.asarray(out_n.logits), atol=1e-5)
     for a, b in zip(jax.tree.leaves(spec_cache), jax.tree.leaves(never)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
@@ -158,7 +178,7 @@ def _next_two_distribution(model, params, prompt, top_k):
     V = model.config.vocab_size
     s0, s1 = np.meshgrid(np.arange(V), np.arange(V), indexing="ij")
     seq = np.concatenate([np.tile(prompt, (V * V, 1)), s0.reshape(-1, 1), s1.reshape(-1, 1)], axis=1)
-    logits = np.asarray(model.apply({"params": params}, seq).logits, np.float64)[:, len(prompt) - 1:]
+    logits = np.asarray(_apply(model.config)(params, seq).logits, np.float64)[:, len(prompt) - 1:]
 
     def probs(x):
         if top_k:
@@ -192,6 +212,9 @@ def _wrong_accept(logits_BxV, draft_B, key, temperature, top_k, top_p, filter_lo
     return accepted, jnp.where(accepted, draft_B, jax.random.categorical(k_residual, filtered)).astype(jnp.int32)
 
 
+_WRONG_SAMPLERS = {}  # traced once with the wrong accept rule (top_k is traced: both cases share it)
+
+
 @pytest.mark.parametrize("top_k", [0, 3])
 def test_sampled_next_two_tokens_match_closed_form(top_k, monkeypatch):
     config = MLA
@@ -200,20 +223,20 @@ def test_sampled_next_two_tokens_match_closed_form(top_k, monkeypatch):
     want = _next_two_distribution(model, params, np.array(prompt), top_k)
     draws = 2000
 
-    def sample(speculative, fresh=False):
-        sampler = (sampler_lib.Sampler(model, len(prompt), 3, speculative=speculative) if fresh
-                   else _sampler(config, len(prompt), 3, speculative))
+    def sample(sampler):
         out = sampler.generate(params, [prompt], jax.random.key(11), temperature=1.0, top_k=top_k,
                                num_samples=draws)
         return np.asarray(out.tokens), out
 
-    plain, _ = sample(None)
-    fast, out = sample("mtp")
+    plain, _ = sample(_sampler(config, len(prompt), 3, None))
+    fast, out = sample(_sampler(config, len(prompt), 3, "mtp"))
     assert 0 < int(out.accepted.sum()) < int(out.drafts.sum())
     assert _chi2_pvalue(plain, want) > 1e-3
     assert _chi2_pvalue(fast, want) > 1e-3
     monkeypatch.setattr(spec, "accept_draft", _wrong_accept)
-    wrong, _ = sample("mtp", fresh=True)  # traced again, with the wrong rule
+    if config not in _WRONG_SAMPLERS:
+        _WRONG_SAMPLERS[config] = sampler_lib.Sampler(model, len(prompt), 3, speculative="mtp")
+    wrong, _ = sample(_WRONG_SAMPLERS[config])  # its own jit, traced with the wrong rule
     assert _chi2_pvalue(wrong, want) < 1e-6
 
 
@@ -224,12 +247,14 @@ def test_speculative_logprobs_match_training_forward_and_mismatch_metric():
     from deepseek_jax.rl import advantages as adv_lib
     from deepseek_jax.rl.grpo import sampler_mismatch
 
-    model, params = Transformer(MLA), _params(MLA, 2.0)
+    params = _params(MLA, 2.0)
+    # num_samples=G: the shape the shared-prefill test compiled.
     out = _sampler(MLA, P, N, "mtp").generate(params, PROMPTS, jax.random.key(5), temperature=1.0, top_k=4,
-                                              num_samples=2, stop_tokens=[3])
+                                              num_samples=G, stop_tokens=[3])
     tokens, positions, segment_ids, completion = out.sequences()
-    batch = adv_lib.build_grpo_batch(tokens, positions, segment_ids, completion, out.logprobs, np.zeros(6))
-    logits = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
+    batch = adv_lib.build_grpo_batch(tokens, positions, segment_ids, completion, out.logprobs,
+                                     np.zeros(len(PROMPTS) * G))
+    logits = _apply(MLA)(params, batch["tokens"], positions=batch["positions"],
                          segment_ids=batch["segment_ids"]).logits
     train = np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch["targets"][..., None], -1)[..., 0])
     mask = np.asarray(completion)[:, 1:]
@@ -250,17 +275,18 @@ def test_tis_weights_scale_each_tokens_loss():
     from deepseek_jax.rl import advantages as adv_lib
 
     model, params = Transformer(MLA), _params(MLA, 2.0)
-    out = _sampler(MLA, P, N, None).generate(params, PROMPTS, jax.random.key(5), temperature=1.0)
-    adv = np.array([1.0, -0.5, 2.0], np.float32)
+    out = _sampler(MLA, P, N, None).generate(params, PROMPTS9, jax.random.key(5), temperature=1.0)
+    adv = np.linspace(-0.5, 2.0, len(PROMPTS9)).astype(np.float32)
     batch = adv_lib.build_grpo_batch(*out.sequences(), out.logprobs, adv)
     batch = dict(batch, old_logprobs=batch["old_logprobs"] - 0.1 * batch["loss_mask"], ref_logprobs=batch["old_logprobs"])
     cfg = dict(beta=0.0, seq_aux_alpha=0.0)
-    loss = lambda b: float(losses.grpo_loss(params, b, None, model=model, cfg=cfg)[0])  # noqa: E731
+    grpo_loss = jax.jit(lambda p, b: losses.grpo_loss(p, b, None, model=model, cfg=cfg)[0])
+    loss = lambda b: float(grpo_loss(params, b))  # noqa: E731
     base = loss(batch)
     assert abs(base) > 1e-3
     np.testing.assert_allclose(loss(dict(batch, tis_weight=np.full_like(batch["old_logprobs"], 1.7))), 1.7 * base,
                                rtol=1e-5)
     w = np.ones_like(batch["old_logprobs"])
     w[1] = 0.0
-    np.testing.assert_allclose(loss(dict(batch, tis_weight=w)), loss(dict(batch, advantages=adv * [1, 0, 1])),
+    np.testing.assert_allclose(loss(dict(batch, tis_weight=w)), loss(dict(batch, advantages=adv * (w[:, 0] > 0))),
                                rtol=1e-5)
