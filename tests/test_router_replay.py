@@ -68,7 +68,8 @@ def test_forced_gates_match_numpy_and_routing(score_func, norm, K):
 
 @functools.lru_cache(maxsize=None)
 def _rollout():
-    params = jax.tree.map(lambda p: p * 4.0 if p.ndim >= 2 else p, init_params(CFG, jax.random.key(1)))
+    params = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(1))  # compiled: eager init costs more
+    params = jax.tree.map(lambda p: p * 4.0 if p.ndim >= 2 else p, params)
     sampler = Sampler(Transformer(CFG), P, N, record_experts=True)
     out = sampler.generate(params, PROMPTS, jax.random.key(2), temperature=1.0, num_samples=G, stop_tokens=[0])
     tokens, positions, segment_ids, completion = (np.asarray(a) for a in out.sequences())
@@ -83,12 +84,24 @@ def _rollout():
     return params, moved, batch
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_forward(config, replay):
+    """Log-probs and routed expert ids of the training forward, compiled (eager Flax costs more)."""
+    model = Transformer(config)
+
+    def forward(params, batch):
+        kw = {"expert_ids": batch["expert_ids"]} if replay else {}
+        out = model.apply({"params": layer_stack.to_layout(params, config)}, batch["tokens"],
+                          positions=batch["positions"], segment_ids=batch["segment_ids"], **kw)
+        return losses.token_logprobs(out.logits, batch["targets"])[0], out.moe.expert_ids
+
+    return jax.jit(forward)
+
+
 def _forward(config, params, batch, replay):
-    kw = {"expert_ids": jnp.asarray(batch["expert_ids"])} if replay else {}
-    out = Transformer(config).apply({"params": layer_stack.to_layout(params, config)}, batch["tokens"],
-                                    positions=batch["positions"], segment_ids=batch["segment_ids"], **kw)
-    logp = losses.token_logprobs(out.logits, batch["targets"])[0]
-    return np.asarray(logp), np.moveaxis(np.asarray(out.moe.expert_ids), 0, 2)  # ids [B, T, L, K]
+    keys = ("tokens", "positions", "segment_ids", "targets", "expert_ids")
+    logp, ids = _compiled_forward(config, replay)(params, {k: jnp.asarray(batch[k]) for k in keys})
+    return np.asarray(logp), np.moveaxis(np.asarray(ids), 0, 2)  # ids [B, T, L, K]
 
 
 def test_sampler_records_what_the_training_forward_routes():
@@ -120,5 +133,7 @@ def test_replay_makes_the_training_forward_the_samplers(scan):
     if scan:
         return
     # The GRPO loss forward replays from batch["expert_ids"]: ratio 1 against the sampler's log-probs.
-    _, m = losses.grpo_loss(moved, {k: jnp.asarray(v) for k, v in batch.items()}, None, model=Transformer(config))
+    model = Transformer(config)
+    _, m = jax.jit(lambda p, b: losses.grpo_loss(p, b, None, model=model))(
+        moved, {k: jnp.asarray(v) for k, v in batch.items()})
     np.testing.assert_allclose(float(m["ratio"]), 1.0, atol=1e-5)
