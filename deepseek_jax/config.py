@@ -78,6 +78,12 @@ class ModelConfig:
     # first choices first, then token order). Training only: inference runs dropless.
     capacity_policy: str = "affinity"
     capacity_protected_fraction: float = 0.1  # "affinity": rows never dropped (moe.protected_rows)
+    # Expert-parallel exchange buffers of dropless dispatch (expert_parallel.py). None: the
+    # worst case, n * min(K, E / P) copies per peer, never overflows (P * min(K, E / P) / K
+    # times what a balanced router sends: 32x for V3 on 64 expert devices). A factor f sizes
+    # them f * n * K / P copies per peer instead; copies past a full buffer are dropped and
+    # counted (moe/drop_rate). Training only: inference keeps the worst case.
+    ep_buffer_factor: Optional[float] = None
     routing_impl: str = "xla"  # "auto" | "pallas" | "xla"
     remat: str = "none"  # "none" | "full" | "dots" (checkpoint policy per block)
     # "reference" (the [T, S] score matrix; the test oracle), "blockwise" (online softmax,
@@ -177,6 +183,10 @@ def validate(c: ModelConfig) -> None:
            "must be > 0 (1.0 = exactly the average load per expert; 1.25 is a common choice)")
     _check(c.capacity_policy in ("affinity", "gshard"), "capacity_policy", c.capacity_policy,
            "use 'affinity' (DeepSeek-V2 token dropping) or 'gshard' (per-expert capacity)")
+    _check(c.ep_buffer_factor is None or c.ep_buffer_factor > 0, "ep_buffer_factor", c.ep_buffer_factor,
+           "use None (exactly dropless) or a factor > 0 over the balanced share (e.g. 2.0)")
+    _check(c.ep_buffer_factor is None or c.moe_dispatch == "dropless", "ep_buffer_factor", c.ep_buffer_factor,
+           f"sizes dropless dispatch's buffers; with moe_dispatch={c.moe_dispatch!r} set it to None")
     _check(0.0 <= c.capacity_protected_fraction <= 1.0, "capacity_protected_fraction",
            c.capacity_protected_fraction, "must be in [0, 1] (DeepSeek-V2 protects ~0.1 of the sequences)")
     _check(c.routing_impl in ("auto", "pallas", "xla"), "routing_impl", c.routing_impl,

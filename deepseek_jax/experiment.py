@@ -51,7 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.sharding_rules = ml_collections.ConfigDict()  # logical axis -> mesh axes overrides
     c.moe = ml_collections.ConfigDict(dict(
         dispatch="dropless", capacity_factor=1.25, routing_impl="auto", bias_update_rate=1e-3,
-        capacity_policy="affinity"))
+        capacity_policy="affinity",
+        # Dropless expert-parallel buffers: None = the worst case; f = f x the balanced share,
+        # overflow dropped and counted (ModelConfig.ep_buffer_factor).
+        ep_buffer_factor=ml_collections.config_dict.placeholder(float)))
     # The schedule's length is always the top-level total_steps.
     c.optimizer = ml_collections.ConfigDict(
         {k: v for k, v in _dataclass_defaults(OptimizerConfig).items() if k != "total_steps"})
@@ -71,7 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # ModelConfig fields that come from execution keys (compute_dtype, remat, moe.*), not cfg.model.
-EXECUTION_FIELDS = ("dtype", "remat", "moe_dispatch", "capacity_factor", "routing_impl", "capacity_policy")
+EXECUTION_FIELDS = ("dtype", "remat", "moe_dispatch", "capacity_factor", "routing_impl", "capacity_policy",
+                    "ep_buffer_factor")
 
 
 def model_defaults() -> ml_collections.ConfigDict:
@@ -113,6 +117,8 @@ def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
                       routing_impl=moe.routing_impl)
         if "capacity_policy" in moe:  # configs saved before the key existed keep the default
             fields.update(capacity_policy=moe.capacity_policy)
+        if moe.get("ep_buffer_factor") is not None:
+            fields.update(ep_buffer_factor=moe.ep_buffer_factor)
     return ModelConfig.from_dict(fields)
 
 

@@ -12,7 +12,10 @@ boundary (jit inserts the all-gather over fsdp/tensor, and the reduce-scatter of
 gradient). With P > 1, token copies travel to the device owning their expert and back:
   dropless  fixed per-peer buffers of S = n * min(K, El) slots: a token sends at most
             min(K, El) copies to one peer, so no routing can overflow them (nothing is
-            dropped; the price is P times the average buffer when routing is balanced).
+            dropped; the price is P * min(K, El) / K times the copies actually sent, kept
+            for the backward in every layer). `moe.ep_buffer_factor` f sizes them
+            S = ceil(f * n * K / P) instead: a copy past its peer's S valid copies (in token
+            order; padding is never sent) is dropped and counted.
             Plain `all_to_all` (REFERENCES: ragged_all_to_all does not compile on CPU
             and is unreliable on GPU). The receiver runs the grouped matmul on its El experts.
   capacity  policy "affinity" (DeepSeek-V2 §2.2.4): each device computes at most
@@ -118,7 +121,8 @@ def routed_experts(x_NxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, weights_NxK, i
         elif c.moe_dispatch == "capacity":
             y, dropped = _capacity_ep(x, wg, wu, wd, wts, ids, pri >= 0, c)
         else:
-            y, dropped = _dropless_ep(x, wg, wu, wd, wts, ids)
+            y, dropped = _dropless_ep(x, wg, wu, wd, wts, ids, (pri >= 0).reshape(-1),
+                                       ep_buffer_slots(x.shape[0], c))
         return y, jax.lax.psum(dropped, batch_axes)
 
     if check_vma is None:
@@ -133,26 +137,37 @@ def _exchange(buf_PxSx, axis=EXPERT_AXIS):
     return jax.lax.all_to_all(buf_PxSx, axis, 0, 0, tiled=True)
 
 
-def _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, keep_m=None):
-    """Every copy (or those with keep_m) to its expert's device and back; fixed buffers."""
+def ep_buffer_slots(n: int, c: ModelConfig, num_peers: int = None):
+    """Per-peer buffer slots S of the dropless exchange for n local tokens (None: worst case)."""
+    if c.ep_buffer_factor is None:
+        return None
+    num_peers = num_peers or jax.lax.axis_size(EXPERT_AXIS)
+    return math.ceil(c.ep_buffer_factor * n * c.num_experts_per_tok / num_peers)
+
+
+def _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, send_m, slots=None):
+    """The copies with send_m to their expert's device and back through fixed per-peer buffers
+    of S = n * min(K, El) slots (no routing overflows them) or min(that, `slots`); returns
+    (output, sent copies that did not fit)."""
     n, K = ids_nxK.shape
     D, El = x_nxD.shape[1], wg_ElxDxF.shape[0]
     Pn = jax.lax.axis_size(EXPERT_AXIS)
-    S = n * min(K, El)
+    S = n * min(K, El) if slots is None else min(slots, n * min(K, El))
     ids_m = ids_nxK.reshape(-1)  # copy m = t * K + k
-    peer_m, local_m = ids_m // El, ids_m % El
-    onehot_mxP = jax.nn.one_hot(peer_m, Pn, dtype=jnp.int32)
-    rank_m = (jnp.cumsum(onehot_mxP, axis=0) * onehot_mxP).sum(-1) - 1  # < S by construction
-    dest_m = peer_m * S + rank_m
-    send_x = jnp.zeros((Pn * S, D), x_nxD.dtype).at[dest_m].set(jnp.repeat(x_nxD, K, axis=0))
-    sent_m = local_m.astype(jnp.int32) if keep_m is None else jnp.where(keep_m, local_m, -1).astype(jnp.int32)
-    send_e = jnp.full((Pn * S,), -1, jnp.int32).at[dest_m].set(sent_m)
+    peer_m, local_m = ids_m // El, (ids_m % El).astype(jnp.int32)
+    onehot_mxP = jax.nn.one_hot(peer_m, Pn, dtype=jnp.int32) * send_m[:, None]
+    rank_m = (jnp.cumsum(onehot_mxP, axis=0) * onehot_mxP).sum(-1) - 1  # among sent copies to the peer
+    fits_m = send_m & (rank_m < S)
+    dest_m = jnp.where(fits_m, peer_m * S + rank_m, Pn * S)  # Pn * S: out of range, not sent
+    send_x = jnp.zeros((Pn * S, D), x_nxD.dtype).at[dest_m].set(jnp.repeat(x_nxD, K, axis=0), mode="drop")
+    send_e = jnp.full((Pn * S,), -1, jnp.int32).at[dest_m].set(local_m, mode="drop")
     recv_x = _exchange(send_x.reshape(Pn, S, D)).reshape(Pn * S, D)
     recv_e = _exchange(send_e.reshape(Pn, S)).reshape(Pn * S)
     y_recv = dispatch.grouped_ffn(recv_x, 1, jnp.maximum(recv_e, 0), recv_e >= 0,
                                   wg_ElxDxF, wu_ElxDxF, wd_ElxFxD)
     y_back = _exchange(y_recv.reshape(Pn, S, D)).reshape(Pn * S, D)
-    return dispatch.combine(y_back[dest_m], weights_nxK), jnp.zeros((), jnp.int32)
+    y_mxD = jnp.take(y_back, dest_m, axis=0, mode="fill", fill_value=0)
+    return dispatch.combine(y_mxD, weights_nxK), (send_m & ~fits_m).sum().astype(jnp.int32)
 
 
 def _affinity_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, priority_nxK, c: ModelConfig):
@@ -167,7 +182,7 @@ def _affinity_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, p
     gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
     keep_all = dispatch.affinity_keep(gather(priority_m), gather(peer_m), Pn, dispatch.device_budget(n, c))
     keep_m = jax.lax.dynamic_slice_in_dim(keep_all, jax.lax.axis_index(EXPERT_AXIS) * m, m)
-    y, _ = _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, keep_m)
+    y, _ = _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, keep_m)  # S fits any keep
     return y, (~keep_m & (priority_m >= 0)).sum().astype(jnp.int32)
 
 

@@ -254,13 +254,16 @@ class Transformer(nn.Module):
 
 
 def dropless_config(config: ModelConfig) -> ModelConfig:
-    """`config` with capacity dispatch replaced by dropless dispatch (same parameters).
+    """`config` with capacity dispatch (and bounded expert-parallel buffers, which can drop
+    too) replaced by exact dropless dispatch (same parameters).
 
     DeepSeek-V2 §2.2.4 drops tokens in training only. Inference (generation, evaluation,
     GRPO rollouts and their log-probs) runs dropless, so a row's output never depends on
     which other rows share its batch.
     """
-    return config.replace(moe_dispatch="dropless") if config.moe_dispatch == "capacity" else config
+    if config.moe_dispatch != "capacity" and config.ep_buffer_factor is None:
+        return config
+    return config.replace(moe_dispatch="dropless", ep_buffer_factor=None)
 
 
 def inference_model(model: "Transformer") -> "Transformer":

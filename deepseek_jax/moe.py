@@ -148,7 +148,7 @@ class MoE(nn.Module):
         w_up = param_with_axes(self, "up_proj", (E, D, F), ("expert", "embed", "mlp")).astype(dt)
         w_down = param_with_axes(self, "down_proj", (E, F, D), ("expert", "mlp", "embed")).astype(dt)
         priority_NxK = None
-        if c.moe_dispatch == "capacity":
+        if c.moe_dispatch == "capacity" or c.ep_buffer_factor is not None:
             scores_NxE = routing_lib.scores_from_logits(logits_NxE, c.scoring_func)
             priority_NxK = copy_priority(scores_NxE, ids_NxK, valid_BxT, B, T, c)
         routed_NxD, dropped = expert_parallel.routed_experts(

@@ -41,12 +41,28 @@ def _path(name):
     (dict(MOE, group_score="top2_sum", n_group=8), ["model.n_group=8", ">= 2 experts per group; got 1"]),
     (dict(MOE, capacity_policy="switch"), ["model.capacity_policy='switch'", "'affinity'", "'gshard'"]),
     (dict(MOE, capacity_protected_fraction=1.5), ["model.capacity_protected_fraction=1.5", "[0, 1]"]),
+    (dict(MOE, ep_buffer_factor=0.0), ["model.ep_buffer_factor=0.0", "factor > 0"]),
+    (dict(MOE, moe_dispatch="capacity", ep_buffer_factor=2.0),
+     ["model.ep_buffer_factor=2.0", "moe_dispatch='capacity'", "None"]),
 ])
 def test_validation_names_field_value_and_fix(kwargs, words):
     with pytest.raises(ConfigError) as err:
         ModelConfig(**kwargs)
     for w in words:
         assert w in str(err.value), (w, str(err.value))
+
+
+def test_inference_runs_exactly_dropless():
+    """Capacity dispatch and bounded expert-parallel buffers drop copies depending on the batch;
+    generation and evaluation (model.inference_model) must not."""
+    from deepseek_jax.model import dropless_config
+
+    for kw in (dict(moe_dispatch="capacity"), dict(ep_buffer_factor=2.0)):
+        c = dropless_config(ModelConfig(**dict(MOE, **kw)))
+        assert (c.moe_dispatch, c.ep_buffer_factor) == ("dropless", None)
+    cfg = experiment.load_config("configs/tiny_v3.py:f32", ["moe.ep_buffer_factor=2.0"])
+    assert experiment.model_config(cfg).ep_buffer_factor == 2.0
+    assert experiment.model_config(experiment.load_config("configs/tiny_v3.py:f32")).ep_buffer_factor is None
 
 
 def test_valid_boundaries_are_accepted():

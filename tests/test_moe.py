@@ -451,3 +451,46 @@ def test_sequence_wise_balance_loss_is_per_packed_document(setup):
     row = moe.MoE(CFG).apply({"params": params}, x)[1]
     np.testing.assert_allclose(row["seq_balance"], losses_lib.expert_balance_loss(
         row["counts"][None], row["probs"][None], row["tokens"], K), rtol=2e-5)
+
+
+@pytest.mark.parametrize("factor", [0.75, 8.0])
+def test_bounded_ep_buffers_drop_exactly_the_copies_past_a_full_peer_buffer(factor):
+    """moe.ep_buffer_factor on a 2 data x 4 expert mesh (8 devices, 8 tokens each): every
+    device sends its valid copies to each peer in token order through S = ceil(f n K / P)
+    slots. Oracle in numpy: per (source device, peer) the copies past the S-th are dropped;
+    the output is the dense reference with their gate weights zeroed. At f = 8 (S = the worst
+    case) nothing is dropped and it equals exact dropless. The all-to-all moves P x S rows."""
+    from deepseek_jax import expert_parallel, hlo_stats
+
+    N, E, K, D, devices, peers = 64, 16, 4, 16, 8, 4
+    x, ws, _, _ = _random_routing(jax.random.key(41), N, E, K, D=D)
+    logits = jax.random.normal(jax.random.key(42), (N, E)) + 1.5 * (jnp.arange(E) < 6)  # peer 0 overflows
+    weights, ids = jax.lax.top_k(jax.nn.softmax(logits), K)
+    ids = ids.astype(jnp.int32)
+    priority = np.zeros((N, K), np.float32)
+    priority[40:44] = -1.0  # padding tokens: never sent, never counted
+    cfg = ModelConfig(hidden_size=D, n_routed_experts=E, num_experts_per_tok=K, moe_intermediate_size=8,
+                      ep_buffer_factor=factor)
+    n, El = N // devices, E // peers
+    S = min(int(np.ceil(factor * n * K / peers)), n * min(K, El))
+    send = priority >= 0
+    keep = np.zeros((N, K), bool)
+    for dev in range(devices):
+        used = np.zeros(peers, int)
+        for t in range(dev * n, (dev + 1) * n):
+            for k in range(K):
+                p = int(ids[t, k]) // El
+                if send[t, k]:
+                    keep[t, k] = used[p] < S
+                    used[p] += 1
+    want_dropped = int((send & ~keep).sum())
+    assert (want_dropped > 0) == (factor < 1)
+    fn = jax.jit(lambda x, ws, w, i, p: expert_parallel.routed_experts(x, *ws, w, i, cfg, priority_NxK=p))
+    with jax.set_mesh(sharding.make_mesh(MESHES["2data_4expert"])):
+        y, dropped = fn(x, ws, weights, ids, jnp.asarray(priority))
+        text = fn.lower(x, ws, weights, ids, jnp.asarray(priority)).compile().as_text()
+    y_ref, _ = moe.expert_ffn_dense(x, *ws, jnp.where(jnp.asarray(keep), weights, 0.0), ids)
+    assert int(dropped) == want_dropped
+    assert _rel(y, y_ref) <= RTOL
+    a2a = [c.bytes for c in hlo_stats.analyze(text, devices)["collectives"] if c.kind == "all-to-all"]
+    assert max(a2a) == peers * S * D * 4, (a2a, S)
