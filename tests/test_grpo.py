@@ -6,12 +6,13 @@ old log-probs are the forward's at the policy temperature on exactly the sampled
 and a run stopped after its checkpoint resumes with the samples of an uninterrupted run.
 """
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from deepseek_jax import experiment, trainer, warm_start
+from deepseek_jax import experiment, loading, trainer, warm_start
 from deepseek_jax.data.tokenizer import get_tokenizer
 from deepseek_jax.rl import advantages as adv_lib
 from deepseek_jax.rl import grpo as grpo_lib
@@ -52,8 +53,8 @@ def test_rollout_scores_advantages_and_old_logprobs(setup):
     assert int(b["loss_mask"].sum()) == int(ro.lengths.sum())
     # Old log-probs: an independent forward (plain model.apply, one device, numpy log-softmax
     # at the policy temperature, gathered at the targets), where the loss counts.
-    out = grpo.parts.model.apply({"params": jax.device_get(state.params)}, b["tokens"],
-                                 positions=b["positions"], segment_ids=b["segment_ids"])
+    out = jax.jit(grpo.parts.model.apply)({"params": jax.device_get(state.params)}, b["tokens"],
+                                          positions=b["positions"], segment_ids=b["segment_ids"])
     z = np.asarray(out.logits, np.float64) / cfg.loss_config.policy_temperature
     logp = z - z.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -86,28 +87,33 @@ def test_mismatched_policy_temperature_is_refused(setup):
 
 
 @pytest.mark.slow
-def test_run_resumes_exactly_and_evaluates_heldout(tmp_path, monkeypatch):
+def test_run_resumes_exactly_and_evaluates_heldout(setup, tmp_path, monkeypatch):
     """A GRPO run stopped after a checkpoint continues with the uninterrupted run's rewards."""
-    init = tmp_path / "init"
-    base = experiment.load_config("configs/r1_tiny.py:sft", [o for o in SMALL if not o.startswith("grpo")]
-                                  + ["total_steps=1", "data.batch_size=8", "data.seq_len=64",
-                                     "progress=False", "optimizer.warmup_steps=0"])
-    trainer.train(base, str(init))
-    common = SMALL + ["grpo.eval_problems=8", "log_every=1", "checkpoint_every=1",
-                      "optimizer.warmup_steps=1"]
+    from deepseek_jax import convert
 
-    def run(workdir, steps):
-        cfg = experiment.load_config("configs/r1_tiny.py:grpo", common + [f"total_steps={steps}"])
+    _, grpo, state = setup
+    init = tmp_path / "init"  # the setup's random policy as a `convert` directory (no SFT run to compile)
+    convert.save_orbax(grpo.parts.model, jax.device_get(state.params), str(init))
+    common = SMALL + ["grpo.eval_problems=8", "log_every=1", "checkpoint_every=1",
+                      "optimizer.warmup_steps=1", "total_steps=2"]
+
+    def run(workdir):
+        cfg = experiment.load_config("configs/r1_tiny.py:grpo", common)
         return grpo_lib.run(cfg, str(workdir), init_from=str(init))
 
-    full = run(tmp_path / "full", 3)
-    run(tmp_path / "cut", 2)
-    resumed = run(tmp_path / "cut", 3)
+    full = run(tmp_path / "full")
+    # The run stopped after its step-1 checkpoint: the workdir as it was then (metrics past the
+    # restored step are dropped by the resumed run itself).
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "2")
+    assert loading.complete_steps(str(tmp_path / "cut")) == [1]
+    resumed = run(tmp_path / "cut")
 
     def rewards_of(workdir):
         rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
         return {r["step"]: r["reward_mean"] for r in rows if "reward_mean" in r}
 
+    assert sorted(rewards_of(tmp_path / "full")) == [1, 2]
     assert rewards_of(tmp_path / "cut") == rewards_of(tmp_path / "full")
     assert resumed["heldout"] == full["heldout"]
     assert full["heldout"]["problems"] == 8
@@ -126,7 +132,9 @@ def test_run_resumes_exactly_and_evaluates_heldout(tmp_path, monkeypatch):
 def test_generation_of_a_row_does_not_depend_on_its_batch_under_capacity_training():
     """DeepSeek-V2 drops tokens in training only. With a capacity config whose training forward
     makes row 0 depend on the other rows (positive control), generation and the GRPO scoring
-    model are dropless: row 0's greedy completion and log-probs equal those of row 0 alone."""
+    model are dropless: row 0's greedy completion and log-probs are the same whatever the other
+    rows of its batch (three batches of one shape: one compile), and its scoring log-probs equal
+    those of row 0 alone."""
     from deepseek_jax.config import ModelConfig
     from deepseek_jax.model import Transformer, inference_model, init_params
     from deepseek_jax.rl.sampler import Sampler
@@ -136,20 +144,22 @@ def test_generation_of_a_row_does_not_depend_on_its_batch_under_capacity_trainin
                     moe_dispatch="capacity", capacity_policy="affinity", capacity_factor=0.3,
                     capacity_protected_fraction=0.0)
     model = Transformer(c)
-    params = init_params(c, jax.random.key(0))
+    params = jax.jit(init_params, static_argnums=0)(c, jax.random.key(0))
     rng = np.random.default_rng(0)
     a = rng.integers(1, 64, (4, 6))
-    b = a.copy()
-    b[1:] = rng.integers(1, 64, (3, 6))
-    train_a, train_b = (model.apply({"params": params}, x).logits[0] for x in (a, b))
+    batches = [a] + [np.concatenate([a[:1], rng.integers(1, 64, (3, 6))]) for _ in range(2)]  # row 0 shared
+    train = jax.jit(model.apply)
+    train_a, train_b = (train({"params": params}, x).logits[0] for x in batches[:2])
     assert np.abs(np.asarray(train_a - train_b)).max() > 1e-3  # training drops depend on the batch
     scorer = inference_model(model)
     assert scorer.config.moe_dispatch == "dropless"
-    alone = scorer.apply({"params": params}, a[:1]).logits[0]
-    for x in (a, b):
-        np.testing.assert_allclose(scorer.apply({"params": params}, x).logits[0], alone, atol=1e-5)
+    score = jax.jit(scorer.apply)
+    first = score({"params": params}, a).logits[0]
+    for x in batches[1:]:
+        np.testing.assert_allclose(score({"params": params}, x).logits[0], first, atol=1e-5)
+    np.testing.assert_allclose(score({"params": params}, a[:1]).logits[0], first, atol=1e-5)  # row 0 alone
     sampler = Sampler(model, max_prompt_len=6, max_new_tokens=6)  # the TRAINING model: decode is dropless
-    outs = [sampler.generate(params, x.tolist(), jax.random.key(1), temperature=0.0) for x in (a[:1], a, b)]
+    outs = [sampler.generate(params, x.tolist(), jax.random.key(1), temperature=0.0) for x in batches]
     for o in outs[1:]:
         np.testing.assert_array_equal(np.asarray(o.tokens[0]), np.asarray(outs[0].tokens[0]))
         np.testing.assert_allclose(np.asarray(o.logprobs[0]), np.asarray(outs[0].logprobs[0]), atol=1e-5)
