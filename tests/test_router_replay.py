@@ -9,6 +9,7 @@ rollout and a later update); the bias only selects, so with the rollout's expert
 the sampler's function again, and without replay it is not.
 """
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +80,7 @@ def _rollout():
     batch["expert_ids"] = np.asarray(out.expert_ids)[:, :-1]
     # Other router biases: large enough against sigmoid scores in (0, 1) to change the selection.
     moved = jax.tree_util.tree_map_with_path(
-        lambda path, x: (jax.random.normal(jax.random.key(hash(jax.tree_util.keystr(path)) % 2**31), x.shape)
+        lambda path, x: (jax.random.normal(jax.random.key(zlib.crc32(jax.tree_util.keystr(path).encode())), x.shape)
                          if "e_score_correction_bias" in jax.tree_util.keystr(path) else x), params)
     return params, moved, batch
 
