@@ -131,7 +131,7 @@ def test_resume_and_init_from_treat_unlisted_model_fields_as_defaults(tmp_path):
     old = json.loads(cfg.to_json_best_effort())
     # The old config.json had only what configs/tiny_v3.py sets; the new one lists every field.
     old["model"] = {k: v for k, v in old["model"].items() if v is not None}
-    assert 0 < len(old["model"]) < len(cfg.model) == len(dataclasses.fields(ModelConfig)) - 6
+    assert 0 < len(old["model"]) < len(cfg.model) == len(dataclasses.fields(ModelConfig)) - 7  # 7 execution fields
     assert "attention_impl" not in old["model"] and experiment.model_config(cfg).attention_impl == "auto"
     os.makedirs(tmp_path / "checkpoints" / "1")
     (tmp_path / "checkpoints" / "1" / loading.COMMIT_MARKER).write_text("")
