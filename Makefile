@@ -8,7 +8,7 @@ install: $(if $(VIRTUAL_ENV),,.venv/bin/python)
 	$(PY) -m pip install -q -e ".[test]"
 
 test: install
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # The miniature R1 recipe on the embedded arithmetic tasks: pretrain -> cold-start SFT -> GRPO
 # -> rejection sampling -> a dense student; prints the before/after table and writes

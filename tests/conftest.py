@@ -15,3 +15,19 @@ _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# `make test` runs whole files per worker (xdist --dist loadfile: a file's module fixtures and
+# compiled steps are built once, not once per worker) and hands them out in collection order.
+# The slowest files go first, so no worker is left finishing a long file alone at the end.
+SLOW_FILES_FIRST = (
+    "test_notebooks.py", "test_speculative.py", "test_multihost.py", "test_bench_smoke.py",
+    "test_cli_loop.py", "test_grpo.py", "test_scan.py", "test_post_train.py", "test_trainer.py",
+    "test_train_step.py", "test_moe.py", "test_gpu_lowering.py", "test_data_pipeline.py",
+    "test_bench_decode_smoke.py", "test_bench_moe_scaling_smoke.py", "test_router_replay.py",
+    "test_convert.py", "test_decode.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within
