@@ -93,10 +93,15 @@ def _batch(name, B=4, T=10, V=48):
     return batch
 
 
+@pytest.fixture(scope="module")
+def params():
+    # Under jit (one compilation), once for every objective.
+    return jax.jit(init_params, static_argnums=0)(CONFIG, jax.random.key(0))
+
+
 @pytest.mark.parametrize("name", ["pretrain", "grpo", "distill", "distill_topk", "dpo"])
-def test_losses_chunked_equal_full_logits(name, monkeypatch):
+def test_losses_chunked_equal_full_logits(name, params, monkeypatch):
     model = Transformer(CONFIG)
-    params = init_params(CONFIG, jax.random.key(0))
     batch = _batch(name)
     cfg = {"z_loss": 1e-2, "policy_temperature": 0.7, "temperature": 2.0, "distill_alpha": 0.5}
     cfg = {k: v for k, v in cfg.items() if k in {"z_loss"} or name != "pretrain"}

@@ -4,6 +4,8 @@ Oracles: the unrolled Transformer (scan_layers=False) with the same weights move
 `layer_stack.stack_layers` (forward logits, MTP logits, MoE statistics, gradients, KV-cache
 decode), a numpy re-statement of the V3 bias update, and the per-layer parameter counts.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,9 +25,14 @@ SCAN = CFG.replace(scan_layers=True)
 B, T = 2, 8
 
 
+def _jit_init(config, key):
+    # Under jit: one compilation instead of the forward's ops dispatched one by one.
+    return jax.jit(init_params, static_argnums=0)(config, key)
+
+
 @pytest.fixture(scope="module")
 def weights():
-    params = init_params(CFG, jax.random.key(0))
+    params = _jit_init(CFG, jax.random.key(0))
     # Non-zero biases, so selection depends on them (and on which layer's bias is used).
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jax.random.normal(jax.random.key(len(jax.tree_util.keystr(p))), x.shape) * 0.1
@@ -52,6 +59,7 @@ def test_layout_has_two_stacks_with_a_layers_axis(weights):
 def test_forward_stats_and_gradients_equal_the_loop(weights):
     per_layer, stacked, tokens = weights
 
+    @functools.partial(jax.jit, static_argnums=0)
     def run(config, params):
         def loss(p):
             out = Transformer(config).apply({"params": p}, tokens)
@@ -75,12 +83,12 @@ def test_decode_equals_the_loop(weights):
     per_layer, stacked, tokens = weights
 
     def decode(config, params):
-        model, logits = Transformer(config), []
+        apply, logits = jax.jit(Transformer(config).apply), []  # compiled once for prefill, once per step
         cache = kv_cache.init_cache(config, batch=B, max_len=T + 2)
-        out, cache = model.apply({"params": params}, tokens[:, :5], cache=cache)
+        out, cache = apply({"params": params}, tokens[:, :5], cache=cache)
         logits.append(out.logits)
         for t in range(5, 7):
-            out, cache = model.apply({"params": params}, tokens[:, t:t + 1], cache=cache)
+            out, cache = apply({"params": params}, tokens[:, t:t + 1], cache=cache)
             logits.append(out.logits)
         return jnp.concatenate(logits, axis=1), cache
 
@@ -128,7 +136,7 @@ def test_hf_round_trip_through_the_per_layer_layout(weights, tmp_path):
 def test_interleaved_layers_fall_back_to_the_loop():
     cfg = ModelConfig(num_hidden_layers=4, n_routed_experts=4, moe_layer_freq=2, scan_layers=True)
     assert layer_stack.stacks(cfg) is None
-    params = init_params(cfg, jax.random.key(0))
+    params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))  # the layout only: no compilation
     assert sorted(k for k in params if k.startswith("layers_")) == [f"layers_{i}" for i in range(4)]
     assert layer_stack.stack_layers(params, cfg) is params
 
