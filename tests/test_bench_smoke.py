@@ -28,7 +28,8 @@ XLA_SMOKE_FLAG = "--xla_backend_optimization_level=0"
 def _env():
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"))
     # The scripts run on one device, as a user runs them (conftest asks for 8 virtual ones).
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith(("--xla_force_host_platform_device_count", XLA_SMOKE_FLAG))]
     env["XLA_FLAGS"] = " ".join(flags + [XLA_SMOKE_FLAG])
     return env
 

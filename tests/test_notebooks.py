@@ -61,7 +61,8 @@ def test_notebook_executes_at_tiny_scale(path, tmp_path):
     env = {"DSJ_NOTEBOOK_SCALE": SCALE, "DSJ_NOTEBOOK_WORKDIR": str(tmp_path / "runs"),
            "DSJ_NOTEBOOK_FIGURES": str(tmp_path / "figures"),
            # One CPU device, as on a laptop: conftest's 8 virtual devices only slow the kernel down.
-           "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+           # (conftest's -O0 is dropped too: COMPUTE_BOUND decides it per notebook.)
+           "XLA_FLAGS": re.sub(r"--xla_(force_host_platform_device_count|backend_optimization_level)=\d+", "",
                                os.environ.get("XLA_FLAGS", "")).strip()}
     if os.path.basename(path) not in COMPUTE_BOUND:
         env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
