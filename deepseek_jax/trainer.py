@@ -518,22 +518,13 @@ def _loop(cfg, parts, state, data_iter, train_pipe, eval_pipe, ckpt, writer, sto
                 preempted = True
                 break
             batch = global_batch(next(data_iter), parts.mesh)
-            try:
-                if window_start is None and jax.process_count() > 1:
-                    # Compile before the first collective and meet the other processes here.
-                    parts.train_step.lower(state, batch).compile()
-                    distributed.barrier("train_step_compiled")
-                state, metrics = parts.train_step(state, batch)
-                if window_start is None or step + 1 == cfg.total_steps or (step + 1) % cfg.log_every == 0:
-                    jax.block_until_ready(metrics)
-            except Exception as e:  # noqa: BLE001 - only a lost peer is turned into PeerLost
-                if not _peer_lost(e):
-                    raise
-                good = ckpt.latest_good()
-                raise PeerLost(
-                    f"lost contact with another process during step {step + 1} "
-                    f"({str(e).strip().splitlines()[0][:200]}). Last good checkpoint: "
-                    f"{good or 'none'}. Restart every process with the same command to resume.") from e
+            if window_start is None and jax.process_count() > 1:
+                # Compile before the first collective and meet the other processes here.
+                parts.train_step.lower(state, batch).compile()
+                distributed.barrier("train_step_compiled")
+            state, metrics = parts.train_step(state, batch)
+            if window_start is None or step + 1 == cfg.total_steps or (step + 1) % cfg.log_every == 0:
+                jax.block_until_ready(metrics)
             step += 1
             window_steps += 1
             if window_start is None:  # the first step includes compilation: time from its end
@@ -565,6 +556,18 @@ def _loop(cfg, parts, state, data_iter, train_pipe, eval_pipe, ckpt, writer, sto
                 bar.update(1)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 ckpt.save(step, state, data_iterator=data_iter, config=cfg)
+    except (PeerLost, SaveFailed):
+        raise
+    except Exception as e:  # noqa: BLE001 - only a lost peer is turned into PeerLost
+        # Whichever collective meets the dead peer first (the step, a metrics gather, the
+        # checkpoint's) raises: the same one-line message and exit code for all of them.
+        if not _peer_lost(e):
+            raise
+        good = ckpt.latest_good()
+        raise PeerLost(
+            f"lost contact with another process after step {step} "
+            f"({str(e).strip().splitlines()[0][:200]}). Last good checkpoint: "
+            f"{good or 'none'}. Restart every process with the same command to resume.") from e
     finally:
         if bar is not None:
             bar.close()

@@ -103,6 +103,8 @@ def test_a_lost_process_makes_the_other_fail_instead_of_hanging(tmp_path):
         pytest.fail("the surviving process hung after its peer died")
     assert procs[0].returncode != 0
     assert time.monotonic() - start < 180
-    # Either the trainer's own message (exit 4, trainer.PeerLost) or the coordination service's abort.
+    # The trainer's own message (exit 4, trainer.PeerLost: any collective of the loop that meets
+    # the dead peer), the coordination service's abort, or (about 1 run in 15) gloo aborting
+    # the process natively inside a collective, which Python cannot intercept.
     assert ("lost contact with another process" in out or "crashed" in out or "heartbeat" in out.lower()
-            or "unavailable" in out.lower()), out[-2000:]
+            or "unavailable" in out.lower() or "Fatal Python error" in out), out[:3000] + "\n...\n" + out[-3000:]
