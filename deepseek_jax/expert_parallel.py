@@ -137,12 +137,11 @@ def _exchange(buf_PxSx, axis=EXPERT_AXIS):
     return jax.lax.all_to_all(buf_PxSx, axis, 0, 0, tiled=True)
 
 
-def ep_buffer_slots(n: int, c: ModelConfig, num_peers: int = None):
+def ep_buffer_slots(n: int, c: ModelConfig):
     """Per-peer buffer slots S of the dropless exchange for n local tokens (None: worst case)."""
     if c.ep_buffer_factor is None:
         return None
-    num_peers = num_peers or jax.lax.axis_size(EXPERT_AXIS)
-    return math.ceil(c.ep_buffer_factor * n * c.num_experts_per_tok / num_peers)
+    return math.ceil(c.ep_buffer_factor * n * c.num_experts_per_tok / jax.lax.axis_size(EXPERT_AXIS))
 
 
 def _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, send_m, slots=None):
@@ -182,7 +181,7 @@ def _affinity_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, p
     gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
     keep_all = dispatch.affinity_keep(gather(priority_m), gather(peer_m), Pn, dispatch.device_budget(n, c))
     keep_m = jax.lax.dynamic_slice_in_dim(keep_all, jax.lax.axis_index(EXPERT_AXIS) * m, m)
-    y, _ = _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, keep_m)  # S fits any keep
+    y, _ = _dropless_ep(x_nxD, wg_ElxDxF, wu_ElxDxF, wd_ElxFxD, weights_nxK, ids_nxK, keep_m)  # worst-case S: every kept copy fits
     return y, (~keep_m & (priority_m >= 0)).sum().astype(jnp.int32)
 
 
