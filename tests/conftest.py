@@ -4,14 +4,12 @@ XLA_FLAGS must be set before jax is imported anywhere, so it is done at the very
 """
 import os
 
-# --xla_backend_optimization_level=0: LLVM's -O0 for the CPU code of the many tiny programs the
-# tests compile (compile time dominates them; the HLO passes and fusion are unchanged, and
-# every tolerance held in a trial: scan, decode, chunked_xent, blockwise_attention).
-# Subprocesses inherit it through os.environ.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-).strip()
+from tests.xla_flags import FAST_COMPILE  # imports no jax
+
+# FAST_COMPILE: LLVM -O0 (and jaxlib 0.10's legacy fusion emitters) for the many tiny programs
+# the tests compile; every tolerance held in a trial. Subprocesses inherit it through os.environ.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", *FAST_COMPILE]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -10,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+from tests.xla_flags import FAST_COMPILE
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "benchmarks" / "decode.py"
 
@@ -18,8 +20,8 @@ def test_quick_json_run(tmp_path):
     results = tmp_path / "RESULTS.md"
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    # One device, as a user's run; XLA backend -O0: the run is mostly compiling tiny programs.
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    # One device, as a user's run; FAST_COMPILE: the run is mostly compiling tiny programs.
+    env["XLA_FLAGS"] = " ".join(FAST_COMPILE)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", "--results", str(results)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -41,7 +43,7 @@ def test_rollout_quick_json_run(tmp_path):
     results = tmp_path / "RESULTS.md"
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = " ".join(FAST_COMPILE)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--rollout", "--quick", "--no_hf", "--json", "--results",
                            str(results)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

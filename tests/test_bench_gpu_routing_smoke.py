@@ -9,13 +9,15 @@ import pathlib
 import subprocess
 import sys
 
+from tests.xla_flags import FAST_COMPILE
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "gpu_routing.py"
 
 
 def test_quick_run_checks_kernel_and_writes_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
-    # One device, as a user runs it; XLA backend -O0: the run is mostly compiling tiny programs.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    # One device, as a user runs it; FAST_COMPILE: the run is mostly compiling tiny programs.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(FAST_COMPILE))
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--results", str(results)],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -9,14 +9,16 @@ import pathlib
 import subprocess
 import sys
 
+from tests.xla_flags import FAST_COMPILE
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "moe_scaling.py"
 
 
 def test_quick_json_reports_every_variant_with_consistent_ratios():
     # The tests' persistent compilation cache (conftest.py) makes reruns fast.
     cache = pathlib.Path(__file__).resolve().parents[1] / ".jax_cache"
-    # One device, as a user runs it; XLA backend -O0: the run is mostly compiling tiny programs.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
+    # One device, as a user runs it; FAST_COMPILE: the run is mostly compiling tiny programs.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(FAST_COMPILE),
                JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json"], capture_output=True, text=True,

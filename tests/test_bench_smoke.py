@@ -18,19 +18,14 @@ REPO = BENCH.parents[1]
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
-
-
-# A smoke run is mostly XLA compile time of tiny programs: LLVM's optimisation passes cost more
-# than they save (gpu_suite.py --quick: 82 -> 46 CPU s); what runs, and its checks, are the same.
-XLA_SMOKE_FLAG = "--xla_backend_optimization_level=0"
+from tests.xla_flags import without  # noqa: E402
 
 
 def _env():
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"))
-    # The scripts run on one device, as a user runs them (conftest asks for 8 virtual ones).
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith(("--xla_force_host_platform_device_count", XLA_SMOKE_FLAG))]
-    env["XLA_FLAGS"] = " ".join(flags + [XLA_SMOKE_FLAG])
+    # The scripts run on one device, as a user runs them (conftest asks for 8 virtual ones); a
+    # smoke run is mostly XLA compile time of tiny programs, so conftest's FAST_COMPILE stays.
+    env["XLA_FLAGS"] = without(env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count")
     return env
 
 

@@ -8,10 +8,11 @@ The committed notebooks are executed separately at their default SCALE (README t
 """
 import glob
 import os
-import re
 import shutil
 
 import pytest
+
+from tests.xla_flags import FAST_COMPILE, without
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -20,9 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "experiments", "notebooks")
 NOTEBOOKS = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
 SCALE = os.environ.get("DSJ_TEST_NOTEBOOK_SCALE", "0.02")
-# At tiny scale most notebooks are mostly XLA compile time, which backend -O0 cuts (same
-# programs; load_balancing as a script on an empty cache: 92 -> 67 CPU s); grpo_variants'
-# sampling is real compute, and unoptimised it took 177 CPU s against 96 in one loaded run.
+# At tiny scale most notebooks are mostly XLA compile time, which FAST_COMPILE cuts (same
+# programs; load_balancing as a script on an empty cache: 92 -> 67 CPU s with -O0 alone);
+# grpo_variants' sampling is real compute: 73 s alone as it is, 112 s with FAST_COMPILE.
 COMPUTE_BOUND = {"grpo_variants.ipynb"}
 
 
@@ -61,11 +62,11 @@ def test_notebook_executes_at_tiny_scale(path, tmp_path):
     env = {"DSJ_NOTEBOOK_SCALE": SCALE, "DSJ_NOTEBOOK_WORKDIR": str(tmp_path / "runs"),
            "DSJ_NOTEBOOK_FIGURES": str(tmp_path / "figures"),
            # One CPU device, as on a laptop: conftest's 8 virtual devices only slow the kernel down.
-           # (conftest's -O0 is dropped too: COMPUTE_BOUND decides it per notebook.)
-           "XLA_FLAGS": re.sub(r"--xla_(force_host_platform_device_count|backend_optimization_level)=\d+", "",
-                               os.environ.get("XLA_FLAGS", "")).strip()}
+           # (conftest's FAST_COMPILE is dropped too: COMPUTE_BOUND decides it per notebook.)
+           "XLA_FLAGS": without(os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count",
+                                *FAST_COMPILE)}
     if os.path.basename(path) not in COMPUTE_BOUND:
-        env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+        env["XLA_FLAGS"] = " ".join([env["XLA_FLAGS"], *FAST_COMPILE]).strip()
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
