@@ -17,7 +17,7 @@ Ties are broken like `jax.lax.top_k`: the lowest index wins, in the kernel too.
 The kernel (`route`) does all of it in one pass over a block of B tokens, with no sort:
 group scores by masked row maxima, the group limit by counting, for each group, how many
 groups beat it (G is at most a few dozen), and the top-K as K rounds of
-"row max, then the lowest index holding it, then mask it out" (K <= 16 in practice).
+"row argmax (the lowest index of the max), then mask it out" (K <= 16 in practice).
 The backward pass is plain jnp from (logits, expert_ids): selection is piecewise
 constant, so the gradient flows only through the score function of the selected
 experts and the renormalisation.
@@ -101,12 +101,19 @@ def _row_argmax(vals_BxE, allowed_BxE, col_BxE):
 
     The lowest index wins exact ties, as in `jax.lax.top_k`. A -inf entry that is still
     allowed can win (when every allowed entry is -inf), again as in `lax.top_k`.
+
+    The index comes from one argmax reduction (value and index together), not from
+    "max, then the columns equal to it": a compiler may compute the masked values twice,
+    once per use, and an ulp apart (XLA:CPU's legacy emitters in interpret mode did, and no
+    column then equalled the max).
     """
     cand_BxE = jnp.where(allowed_BxE, vals_BxE, -jnp.inf)
     best_Bx1 = jnp.max(cand_BxE, axis=1, keepdims=True)
-    at_best_BxE = allowed_BxE & (cand_BxE == best_Bx1)
+    idx_Bx1 = jnp.argmax(cand_BxE, axis=1, keepdims=True).astype(jnp.int32)
+    # All allowed entries -inf: argmax's first -inf may be a disallowed column; take the first allowed.
     sentinel = vals_BxE.shape[1]  # larger than any column, loses every min
-    idx_Bx1 = jnp.min(jnp.where(at_best_BxE, col_BxE, sentinel), axis=1, keepdims=True)
+    first_allowed_Bx1 = jnp.min(jnp.where(allowed_BxE, col_BxE, sentinel), axis=1, keepdims=True)
+    idx_Bx1 = jnp.where(best_Bx1 == -jnp.inf, first_allowed_Bx1, idx_Bx1)
     return best_Bx1, idx_Bx1
 
 
