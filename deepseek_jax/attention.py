@@ -15,10 +15,13 @@ only (c_kv, RoPE(k_pe)) and by default decodes ABSORBED (V2 §2.1.2, DeepSeek's 
 against the latent directly, and W_UV is applied after the probability-weighted latent sum,
 so per-head keys and values are never materialised. `absorbed=False` expands K/V from the
 cached latent instead (the naive decode: test oracle and benchmark baseline).
+A prefill into an empty cache (`PrefillMask`) attends among its own T tokens instead, with
+attention_impl's kernel (blockwise on CPU, flash on GPU): no [T, S] mask over the cache slots.
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -51,6 +54,17 @@ def attention_mask(segment_ids_BxT: Optional[jax.Array], T: int, impl: str = "re
         return causal_TxS[None, None]
     same_doc = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
     return (causal_TxS[None] & same_doc)[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillMask:
+    """The mask of a prefill into an empty cache (Transformer(prefill=True)): the T new tokens,
+    written at slots [0, T), attend among themselves under `inner` (`attention_mask`'s, so a
+    CausalSegmentMask or FlashMask where attention_impl picks blockwise or flash) rather than
+    over all S slots. With segment ids 1 = prompt, 0 = left padding, a prompt token sees the
+    same keys as under `kv_cache.attend_mask`; padding queries (never read) see padding."""
+
+    inner: Any
 
 
 def attend(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxA: jax.Array, mask, scale: float) -> jax.Array:
@@ -99,7 +113,12 @@ class MHA(nn.Module):
             axes = ("batch", "length", "kv_heads", "head_dim")  # rows stay with their data shard
             cache = {"k": constrain(kv_cache.write(cache["k"], k, index), axes),
                      "v": constrain(kv_cache.write(cache["v"], v, index), axes)}
-            out = grouped_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), mask, softmax_scale(K, None))
+            k, v = cache["k"].astype(dt), cache["v"].astype(dt)  # the values as the cache holds them
+            if isinstance(mask, PrefillMask):
+                T = x_BxTxD.shape[1]
+                out = attend(q, k[:, :T], v[:, :T], mask.inner, softmax_scale(K, None))
+            else:
+                out = grouped_attention(q, k, v, mask, softmax_scale(K, None))
             return o_proj(out), cache
         out = attend(q, k, v, mask, softmax_scale(K, None))
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
@@ -216,8 +235,13 @@ class MLA(nn.Module):
             # The cache stores k_pe after RoPE: a token's position never changes once written.
             cache = {"ckv": constrain(kv_cache.write(cache["ckv"], ckv_BxTxC, index), ("batch", "length", "kv_lora")),
                      "k_pe": constrain(kv_cache.write(cache["k_pe"], k_pe_BxTxR, index), ("batch", "length", None))}
-            attend = self.absorbed_attention if absorbed else self.expanded_attention
-            out = attend(q_nope, q_pe, cache["ckv"].astype(dt), cache["k_pe"].astype(dt), mask)
+            ckv_BxSxC, k_pe_BxSxR = cache["ckv"].astype(dt), cache["k_pe"].astype(dt)
+            if isinstance(mask, PrefillMask):  # expanded: compute-bound here, absorbing costs C/N more FLOPs
+                T = x_BxTxD.shape[1]
+                out = self.expanded_attention(q_nope, q_pe, ckv_BxSxC[:, :T], k_pe_BxSxR[:, :T], mask.inner)
+            else:
+                attend = self.absorbed_attention if absorbed else self.expanded_attention
+                out = attend(q_nope, q_pe, ckv_BxSxC, k_pe_BxSxR, mask)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
         y = matmul_2d(out, self.out_kernel().astype(dt), 2).astype(dt)
         return y if cache is None else (y, cache)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import kv_cache, layer_stack
-from deepseek_jax.attention import MHA, MLA, attention_mask
+from deepseek_jax.attention import MHA, MLA, PrefillMask, attention_mask
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, Dense, Embed, RMSNorm, constrain, rope_cos_sin
 from deepseek_jax.moe import MoE
@@ -144,7 +144,8 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, positions: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, cache: Optional[kv_cache.KVCache] = None,
-                 absorbed: bool = True, return_hidden: bool = False, expert_ids: Optional[jax.Array] = None):
+                 absorbed: bool = True, return_hidden: bool = False, expert_ids: Optional[jax.Array] = None,
+                 prefill: bool = False):
         """ModelOutput; with `cache`, (ModelOutput, updated cache) for prefill / decode.
 
         `expert_ids` [B, T, L, K] int32 (no cache; L = the main model's MoE layers in order):
@@ -161,7 +162,10 @@ class Transformer(nn.Module):
         left padding) marks which are real, positions come from the cache (`positions` must be
         None), and MTP modules are skipped (`mtp_logits` is None): their input needs the token
         after each position, which generation does not know yet. `absorbed` picks MLA's
-        absorbed (default) or naive expanded decode; both give the same logits.
+        absorbed (default) or naive expanded decode; both give the same logits. `prefill=True`:
+        the cache is empty (index 0, fresh from kv_cache.init_cache) and the tokens attend among
+        themselves with attention_impl's kernel (blockwise on CPU, flash on GPU) rather than over
+        every slot under a [B, 1, T, S] mask; the same logits and cache.
         """
         c = self.config
         dt = jnp.dtype(c.dtype)
@@ -171,6 +175,10 @@ class Transformer(nn.Module):
         if expert_ids is not None and (cache is not None or expert_ids.shape != (B, T, n_moe, c.num_experts_per_tok)):
             raise ValueError(f"expert_ids has shape {expert_ids.shape}; router replay needs [B, T, MoE layers, K] = "
                              f"{(B, T, n_moe, c.num_experts_per_tok)} and no cache (the training forward)")
+        if prefill and (cache is None or (not isinstance(cache.index, jax.core.Tracer)
+                                          and int(jnp.max(cache.index)) != 0)):
+            raise ValueError("prefill=True needs an empty cache (kv_cache.init_cache, write index 0); "
+                             "append to a filled cache with prefill=False")
         if cache is not None:
             if positions is not None:
                 raise ValueError("Transformer(cache=...) derives positions from the cache (real tokens per row); "
@@ -178,6 +186,9 @@ class Transformer(nn.Module):
             kv_cache.check_room(cache, T)
             index = cache.index
             cache, positions, mask = kv_cache.append(cache, jnp.ones((B, T), bool) if valid_BxT is None else valid_BxT)
+            if prefill:  # the T tokens attend among themselves, with attention_impl's kernel
+                mask = PrefillMask(attention_mask(None if valid_BxT is None else valid_BxT.astype(jnp.int32), T,
+                                                  c.attention_impl))
         elif positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_cos_sin(positions, c)

@@ -6,6 +6,7 @@ every position (<= 1e-4, float32) for MLA absorbed (q-LoRA on / off, YaRN past t
 context) and MHA/GQA, and absorbed must equal the naive expanded decode. Cache bytes are
 checked against the paper's formula and DeepSeek-V3's published 70,272 bytes per token.
 """
+import dataclasses
 import functools
 
 import jax
@@ -116,6 +117,40 @@ def test_left_padded_prompt_equals_prompt_alone():
     assert float(jnp.abs(prefill - full[:, :-1]).max()) <= TOL
     assert float(jnp.abs(dec - full[:, -1:]).max()) <= TOL
     assert list(np.asarray(lengths)) == [6]
+
+
+@pytest.mark.parametrize("name", ["mla_qlora_moe", "gqa"])
+def test_prefill_kernel_equals_attention_over_the_cache_slots(name):
+    """Transformer(prefill=True) (the tokens attend among themselves, with attention_impl's
+    kernel) against the cache path's [B, 1, T, S] mask over every slot: the same logits at the
+    prompt tokens, the same cache at its valid slots, the same next decode step."""
+    base = CONFIGS[name]
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), jax.random.randint(jax.random.key(3), (1, 6), 1, 48)], 1)
+    tokens = jnp.concatenate([padded, jax.random.randint(jax.random.key(4), (1, 9), 1, 48)])  # row 0 left-padded
+    seg = jnp.array([[0] * 3 + [1] * 6, [1] * 9])
+    nxt = jnp.array([[5], [7]])
+
+    def run(config, prefill):
+        model = Transformer(config)
+        params = _params(base)
+        out, cache = model.apply({"params": params}, tokens, segment_ids=seg, prefill=prefill,
+                                 cache=kv_cache.init_cache(config, 2, 12))
+        dec, _ = model.apply({"params": params}, nxt, cache=cache)
+        return out.logits, dec.logits, cache
+
+    real = np.asarray(seg, bool)
+    want_logits, want_dec, want_cache = jax.jit(run, static_argnums=(0, 1))(base, False)
+    for impl in ("reference", "blockwise"):
+        logits, dec, cache = jax.jit(run, static_argnums=(0, 1))(dataclasses.replace(base, attention_impl=impl), True)
+        np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(want_logits)[real], atol=TOL, err_msg=impl)
+        np.testing.assert_allclose(dec, want_dec, atol=TOL, err_msg=impl)
+        np.testing.assert_array_equal(cache.valid, want_cache.valid)
+        for got, want in zip(cache.layers, want_cache.layers):
+            for k in want:
+                np.testing.assert_allclose(np.asarray(got[k])[:, :9][real], np.asarray(want[k])[:, :9][real],
+                                           atol=1e-5, err_msg=(impl, k))
+    with pytest.raises(ValueError, match="prefill=True needs an empty cache"):
+        Transformer(base).apply({"params": _params(base)}, nxt, prefill=True)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -129,8 +129,8 @@ def test_cached_mtp_drafts_equal_training_forward(config):
         cache = kv_cache.init_cache(config, B, P + 4)
         layer = spec.init_mtp_layer(config, B, P + 4)
         out, cache = model.apply({"params": params}, seq[:, :P], segment_ids=valid[:, :P].astype(np.int32),
-                                 cache=cache, absorbed=False)
-        layer = spec.mtp_prefill(config, params, out.hidden, seq[:, :P], valid[:, :P], cache, layer)
+                                 cache=cache, prefill=True)
+        layer = spec.mtp_prefill(config, params, out.hidden, seq[:, :P], valid[:, :P], layer)
         cache = kv_cache.per_row(cache)
         one, layer = spec.draft_logits(config, params, out.hidden[:, -1:], seq[:, P:P + 1], cache, cache.index - 1,
                                        cache.lengths - 1, np.ones((B, 1), bool), layer)

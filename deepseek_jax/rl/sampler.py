@@ -111,7 +111,8 @@ class Sampler:
 
     The batch size is taken from the prompts (a new batch size compiles once more).
     `absorbed` selects MLA's absorbed decode (default) or the naive expanded one; the prompt
-    is always prefilled expanded (compute-bound there, where absorbing costs C/N more FLOPs).
+    is always prefilled expanded (compute-bound there, where absorbing costs C/N more FLOPs),
+    its tokens attending among themselves with attention_impl's kernel (Transformer(prefill=True)).
     `vocab_limit`: never sample ids >= it (a checkpoint's embedding rows past the tokenizer's
     vocabulary); the reported log-probs stay the model's full-vocabulary log-softmax.
     `speculative`: None (one token per step) or "mtp" (rl/speculative.py; needs MTP modules).
@@ -209,11 +210,10 @@ class Sampler:
         # its index, one slot of slack keeps its (ignored) writes inside the buffer.
         slots = P + N + 1 if self.speculative else P + N - 1
         cache = kv_cache.init_cache(self.model.config, prompt_BxP.shape[0], slots, self.cache_dtype)
-        out, cache = apply(prompt_BxP, segment_ids=valid_BxP.astype(jnp.int32), cache=cache, absorbed=False)
+        out, cache = apply(prompt_BxP, segment_ids=valid_BxP.astype(jnp.int32), cache=cache, prefill=True)
         if self.speculative:
             mtp_layer = spec.init_mtp_layer(self.model.config, prompt_BxP.shape[0], slots, self.cache_dtype)
-            mtp_layer = spec.mtp_prefill(self.model.config, params, out.hidden, prompt_BxP, valid_BxP, cache,
-                                        mtp_layer)
+            mtp_layer = spec.mtp_prefill(self.model.config, params, out.hidden, prompt_BxP, valid_BxP, mtp_layer)
         # Left padding puts every row's last prompt token in the last column.
         last_logits_BxV, last_hidden_BxD = out.logits[:, -1], out.hidden[:, -1]
         # [B, P, L, K] the prompt tokens' experts (-1 on left padding); then per decode step

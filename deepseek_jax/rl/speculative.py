@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import kv_cache
+from deepseek_jax.attention import PrefillMask, attention_mask
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Dense, Embed, rope_cos_sin
 from deepseek_jax.model import MTPModule, shift_left
@@ -61,13 +62,14 @@ def init_mtp_layer(config: ModelConfig, batch: int, max_len: int, dtype=None) ->
     return {k: jnp.zeros(s, dt) for k, s in kv_cache.layer_shapes(config, batch, max_len).items()}
 
 
-def mtp_prefill(config, params, hidden_BxPxD, prompt_BxP, valid_BxP, cache: kv_cache.KVCache, layer):
+def mtp_prefill(config, params, hidden_BxPxD, prompt_BxP, valid_BxP, layer):
     """MTP's cache for prompt slots 0..P-1. The last slot needs the first sampled token, unknown
     here (and different for each of a group's samples): it is written with a placeholder that
     `mtp_first_draft` overwrites per row."""
     P = prompt_BxP.shape[1]
     positions = jnp.maximum(jnp.cumsum(valid_BxP, axis=1, dtype=jnp.int32) - 1, 0)
-    mask = kv_cache.attend_mask(cache.valid, jnp.int32(0), P)  # the main cache's slots after its prefill
+    # The prompt's slots attend among themselves, as in the main model's prefill (PrefillMask).
+    mask = PrefillMask(attention_mask(valid_BxP.astype(jnp.int32), P, config.attention_impl))
     _, layer = MTPDraft(config).apply({"params": params}, hidden_BxPxD, shift_left(prompt_BxP), positions, mask,
                                       valid_BxP, layer, jnp.int32(0), False)
     return layer
