@@ -22,12 +22,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # `make test` runs whole files per worker (xdist --dist loadfile: a file's module fixtures and
 # compiled steps are built once, not once per worker) and hands them out in collection order.
 # The slowest files go first, so no worker is left finishing a long file alone at the end.
-SLOW_FILES_FIRST = (
-    "test_notebooks.py", "test_speculative.py", "test_multihost.py", "test_bench_smoke.py",
-    "test_cli_loop.py", "test_grpo.py", "test_scan.py", "test_post_train.py", "test_trainer.py",
-    "test_train_step.py", "test_moe.py", "test_gpu_lowering.py", "test_data_pipeline.py",
-    "test_bench_decode_smoke.py", "test_bench_moe_scaling_smoke.py", "test_router_replay.py",
-    "test_convert.py", "test_decode.py",
+SLOW_FILES_FIRST = (  # by worker-seconds in a clean-clone run (--durations=0), slowest first
+    "test_notebooks.py", "test_cli_loop.py", "test_train_step.py", "test_multihost.py", "test_trainer.py",
+    "test_bench_smoke.py", "test_moe.py", "test_speculative.py", "test_post_train.py", "test_grpo.py",
+    "test_bench_decode_smoke.py", "test_scan.py", "test_hf_parity.py", "test_bf16.py",
+    "test_blockwise_attention.py", "test_decode.py", "test_losses.py", "test_sampler.py", "test_gpu_lowering.py",
+    "test_chunked_xent.py", "test_configs_all.py", "test_router_replay.py", "test_pallas_routing.py",
 )
 
 
