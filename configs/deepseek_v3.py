@@ -12,8 +12,9 @@ the last 4.3T of 14.8T tokens (`wsd`), batch 15360 x 4096 tokens, bias update ra
 sequence-wise balance alpha 1e-4, MTP weight 0.3.
 
 Cluster defaults (a GPU cluster, e.g. 256 x H100/H200): bfloat16 compute with float32
-master weights, full rematerialisation, 64-way expert parallelism (as in the paper, 4 experts
-per GPU), the remaining devices as FSDP, no tensor parallelism, and 60 micro-batches so each
+master weights, full rematerialisation, 64-way expert parallelism (as in the
+paper, 4 experts per GPU), the remaining devices as FSDP, every non-expert weight split over
+FSDP x expert (ZeRO-3 over the whole mesh), no tensor parallelism, and 60 micro-batches so each
 device sees one 4096-token sequence per micro-batch on 256 devices (15360 / 60 = 256).
 Rescale `--config.microbatches` for another device count: batch_size / microbatches must be
 a multiple of it. The full model needs ~16 bytes/param of train state (~10.7 TB), i.e. at
@@ -48,6 +49,12 @@ def get_config(arg=None):
     c.compute_dtype = "bfloat16"
     c.remat = "full"
     c.mesh.update(dict(data=1, fsdp=-1, expert=64, tensor=1))
+    # ZeRO-3 over the whole mesh: the non-expert weights (attention incl. MLA's q_b / kv_b
+    # projections, shared experts, dense layers, embedding, head) are split over fsdp x expert,
+    # as the routed experts are. Over fsdp alone they were 64x replicated: 38 GB of parameters
+    # per device on 256 GPUs where an even split is 10.7 GB (README "Planning a run").
+    for name in ("embed", "q_lora", "kv_lora"):
+        c.sharding_rules[name] = ("fsdp", "expert")
     c.moe.update(dict(dispatch="dropless", routing_impl="auto", bias_update_rate=1e-3))
     c.data.seq_len = 4096
     c.data.batch_size = 15360

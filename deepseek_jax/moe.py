@@ -144,9 +144,11 @@ class MoE(nn.Module):
         forced_NxK = None if forced_ids_BxTxK is None else forced_ids_BxTxK.reshape(B * T, -1)
         weights_NxK, ids_NxK = route(logits_NxE, bias_E, c, forced_NxK)
 
-        w_gate = param_with_axes(self, "gate_proj", (E, D, F), ("expert", "embed", "mlp")).astype(dt)
-        w_up = param_with_axes(self, "up_proj", (E, D, F), ("expert", "embed", "mlp")).astype(dt)
-        w_down = param_with_axes(self, "down_proj", (E, F, D), ("expert", "mlp", "embed")).astype(dt)
+        # `expert_embed`, not `embed`: the routed experts' model dim is split over fsdp only, as
+        # the expert axis already splits them (sharding.DEFAULT_RULES).
+        w_gate = param_with_axes(self, "gate_proj", (E, D, F), ("expert", "expert_embed", "mlp")).astype(dt)
+        w_up = param_with_axes(self, "up_proj", (E, D, F), ("expert", "expert_embed", "mlp")).astype(dt)
+        w_down = param_with_axes(self, "down_proj", (E, F, D), ("expert", "mlp", "expert_embed")).astype(dt)
         priority_NxK = None
         if c.moe_dispatch == "capacity" or c.ep_buffer_factor is not None:
             scores_NxE = routing_lib.scores_from_logits(logits_NxE, c.scoring_func)

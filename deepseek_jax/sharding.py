@@ -7,9 +7,13 @@ Mesh axes (outermost first): data, fsdp, expert, tensor.
           take their own slice of the batch for attention and dense layers
   tensor  Megatron-style splitting of heads / MLP width / vocabulary
 
-Model code names its dimensions logically (`embed`, `heads`, `kv_lora`, `mlp`, `expert`,
-`vocab`, `batch`, `length`, `norm`); `DEFAULT_RULES` maps them to mesh axes. A config can
-override single entries (`cfg.sharding_rules.mlp = None`).
+Model code names its dimensions logically (`embed`, `heads`, `q_lora`, `kv_lora`, `mlp`,
+`expert`, `expert_embed`, `vocab`, `batch`, `length`, `norm`, `layers`); `DEFAULT_RULES` maps
+them to mesh axes. A config can override single entries (`cfg.sharding_rules.mlp = None`).
+A dimension's mesh axes must not be used by an earlier dimension of the same array (flax's
+rule): the weights' `embed` can take ("fsdp", "expert") (ZeRO-3 over the whole mesh for the
+non-expert weights, as configs/deepseek_v3.py does) because the routed experts name their
+model dim `expert_embed`, and activations keep `batch` on those axes first.
 """
 from __future__ import annotations
 
@@ -35,8 +39,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("length", None),
     ("embed", "fsdp"),
+    ("expert_embed", "fsdp"),  # the routed experts' model dim (their `expert` dim is split already)
     ("vocab", "tensor"),
     ("heads", "tensor"),
+    ("q_lora", None),
     ("kv_lora", None),
     ("mlp", "tensor"),
     ("expert", "expert"),
@@ -104,13 +110,18 @@ def _axis_size(mesh: Mesh, entry) -> int:
 
 
 def _fit(spec: P, shape: Sequence[int], mesh: Mesh, name: str) -> P:
-    """Replicates any dimension the mesh axes do not divide (tiny models on big meshes)."""
+    """Splits each dimension over the longest leading part of its mesh axes that divides it
+    ("fsdp" when ("fsdp", "expert") does not), replicating it when none does (tiny models on
+    big meshes)."""
     entries = list(spec) + [None] * (len(shape) - len(spec))
     for i, (entry, dim) in enumerate(zip(entries, shape)):
         if dim % _axis_size(mesh, entry):
-            log.warning("%s: dim %d of shape %s is not divisible by mesh axes %s (%d); replicating it.",
-                        name, i, tuple(shape), entry, _axis_size(mesh, entry))
-            entries[i] = None
+            names = entry if isinstance(entry, tuple) else (entry,)
+            fits = [names[:k] for k in range(len(names) - 1, 0, -1) if dim % _axis_size(mesh, names[:k]) == 0]
+            entries[i] = (fits[0] if len(fits[0]) > 1 else fits[0][0]) if fits else None
+            log.warning("%s: dim %d of shape %s is not divisible by mesh axes %s (%d); %s.", name, i,
+                        tuple(shape), entry, _axis_size(mesh, entry),
+                        f"splitting it over {entries[i]}" if fits else "replicating it")
     return P(*entries)
 
 

@@ -6,6 +6,7 @@ Oracle for placements: the rule table read directly from the parameters' logical
 divide it, compared with the `.sharding` of the arrays `sharding.init_params` returns.
 """
 import dataclasses
+import math
 import os
 
 import flax.linen as nn
@@ -61,6 +62,43 @@ def test_tiny_v3_params_are_sharded_as_declared():
         assert arr.sharding.mesh.shape == mesh.shape
         sharded_over.update(a for e in actual if e is not None for a in (e if isinstance(e, tuple) else (e,)))
     assert "expert" in sharded_over  # the routed experts really are split
+
+
+def _per_device_split(model, mesh, rules):
+    """{param path: (elements, elements per device)} from the shardings, nothing allocated."""
+    abstract = nn.meta.unbox(sharding.abstract_params(model))
+    shardings = sharding.param_shardings(model, mesh, rules)
+    out = {}
+    for (path, x), sh in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(shardings)):
+        out[jax.tree_util.keystr(path)] = (math.prod(x.shape), math.prod(sh.shard_shape(x.shape)))
+    return out
+
+
+def test_zero3_over_the_whole_mesh_splits_every_weight_matrix_over_all_devices():
+    """configs/deepseek_v3.py's rules (embed, q_lora, kv_lora -> fsdp x expert) on tiny_v3 over
+    fsdp 2 x expert 4: every weight matrix, the routed experts (expert x fsdp) and MLA's q_b / kv_b
+    projections included, holds 1/8 of its elements per device; only vectors (norm scales, the
+    router bias) stay whole. Under the default rules q_b_proj is replicated (the 64x of V3)."""
+    cfg = experiment.load_config(os.path.join(REPO, "configs", "tiny_v3.py"))
+    v3_rules = experiment.load_config(os.path.join(REPO, "configs", "deepseek_v3.py")).sharding_rules
+    model = Transformer(experiment.model_config(cfg))
+    mesh = sharding.make_mesh(dict(fsdp=2, expert=4))
+    split = _per_device_split(model, mesh, sharding.logical_rules(v3_rules))
+    matrices = {k: v for k, v in split.items() if "scale" not in k and "bias" not in k}
+    assert len(matrices) > 20 and any("up_proj" in k and "shared" not in k for k in matrices)
+    for key, (full, per_device) in matrices.items():
+        assert per_device * 8 == full, (key, full, per_device)
+    rules = sharding.logical_rules(v3_rules)
+    specs = {jax.tree_util.keystr(p): sh.spec
+             for p, sh in jax.tree_util.tree_flatten_with_path(sharding.param_shardings(model, mesh, rules))[0]}
+    assert specs["['layers_1']['mlp']['up_proj']"][:2] == ("expert", "fsdp")  # experts stay expert-parallel
+    q_b = "['layers_0']['attn']['q_b_proj']['kernel']"
+    default = _per_device_split(model, mesh, sharding.logical_rules())
+    assert default[q_b][0] == default[q_b][1]  # replicated over all 8 devices
+    # A dimension that fsdp x expert does not divide falls back to fsdp alone (q_lora 36 = 2 x 18).
+    model36 = Transformer(experiment.model_config(cfg).replace(q_lora_rank=36))
+    full, per_device = _per_device_split(model36, mesh, sharding.logical_rules(v3_rules))[q_b]
+    assert per_device * 2 == full
 
 
 def test_mesh_shape_resolves_minus_one_and_rejects_bad_products():
