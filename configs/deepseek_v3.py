@@ -12,9 +12,9 @@ the last 4.3T of 14.8T tokens (`wsd`), batch 15360 x 4096 tokens, bias update ra
 sequence-wise balance alpha 1e-4, MTP weight 0.3.
 
 Cluster defaults (a GPU cluster, e.g. 256 x H100/H200): bfloat16 compute with float32
-master weights, full rematerialisation, 64-way expert parallelism (as in the
-paper, 4 experts per GPU), the remaining devices as FSDP, every non-expert weight split over
-FSDP x expert (ZeRO-3 over the whole mesh), no tensor parallelism, and 60 micro-batches so each
+master weights, full rematerialisation, 64-way expert parallelism (as in the paper, 4 experts
+per GPU), the remaining devices as FSDP, every non-expert weight split over FSDP x expert
+(ZeRO-3 over the whole mesh), no tensor parallelism, and 60 micro-batches so each
 device sees one 4096-token sequence per micro-batch on 256 devices (15360 / 60 = 256).
 Rescale `--config.microbatches` for another device count: batch_size / microbatches must be
 a multiple of it. The full model needs ~16 bytes/param of train state (~10.7 TB), i.e. at

@@ -113,12 +113,13 @@ class MHA(nn.Module):
             axes = ("batch", "length", "kv_heads", "head_dim")  # rows stay with their data shard
             cache = {"k": constrain(kv_cache.write(cache["k"], k, index), axes),
                      "v": constrain(kv_cache.write(cache["v"], v, index), axes)}
-            k, v = cache["k"].astype(dt), cache["v"].astype(dt)  # the values as the cache holds them
+            # The keys and values as the cache holds them (its dtype may round them).
+            k_BxSxGxK, v_BxSxGxK = cache["k"].astype(dt), cache["v"].astype(dt)
             if isinstance(mask, PrefillMask):
                 T = x_BxTxD.shape[1]
-                out = attend(q, k[:, :T], v[:, :T], mask.inner, softmax_scale(K, None))
+                out = attend(q, k_BxSxGxK[:, :T], v_BxSxGxK[:, :T], mask.inner, softmax_scale(K, None))
             else:
-                out = grouped_attention(q, k, v, mask, softmax_scale(K, None))
+                out = grouped_attention(q, k_BxSxGxK, v_BxSxGxK, mask, softmax_scale(K, None))
             return o_proj(out), cache
         out = attend(q, k, v, mask, softmax_scale(K, None))
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
