@@ -19,9 +19,11 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
+import threading
 import traceback
 
 from absl import app, flags
@@ -115,8 +117,18 @@ def _drop_closed_loop_noise() -> None:
     """tensorstore's callbacks for a failed Orbax save land on an asyncio loop that is already
     closed and report each RuntimeError as unraisable (one traceback per pending write:
     hundreds when a disk fills). The save's own error reaches the main thread, so these are
-    dropped unless a traceback was asked for."""
+    dropped unless a traceback was asked for. A background writer thread that dies of a full
+    disk (tensorboardX's) leaves one warning line instead of its traceback: the checkpoint
+    save reports the disk with the last good checkpoint."""
     default_excepthook, default_unraisablehook = sys.excepthook, sys.unraisablehook
+    default_thread_hook = threading.excepthook
+
+    def thread_hook(args):
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in (errno.ENOSPC, errno.EDQUOT):
+            logging.getLogger("deepseek_jax").warning("a background writer (thread %s) stopped: %s",
+                                                      getattr(args.thread, "name", "?"), args.exc_value)
+        else:
+            default_thread_hook(args)
 
     def excepthook(exc_type, exc, tb):
         if not _is_closed_loop_noise(exc_type, exc):
@@ -126,7 +138,7 @@ def _drop_closed_loop_noise() -> None:
         if not _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
             default_unraisablehook(unraisable)
 
-    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    sys.excepthook, sys.unraisablehook, threading.excepthook = excepthook, unraisablehook, thread_hook
 
 
 def quiet_logs() -> None:

@@ -236,7 +236,11 @@ class MetricsWriter:
             # TensorBoard hides older events at or after the purge step: those of the steps
             # being redone, or of an earlier run in a reused workdir.
             purge = resume_step + 1 if resume_step is not None else 0
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge, flush_secs=30)
+            # max_queue=0: an unbounded queue. tensorboardX writes from a thread that dies on an
+            # OSError (a full disk); with its default 10-event queue the next adds then blocked
+            # forever and the run hung instead of reaching the checkpoint save that reports the
+            # disk (exit 3).
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge, flush_secs=30, max_queue=0)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Appends one record (scalars only) and mirrors it to TensorBoard; returns it."""
@@ -284,4 +288,7 @@ class MetricsWriter:
         if self.enabled:
             self._file.close()
             if self._tb is not None:
-                self._tb.close()
+                try:
+                    self._tb.close()
+                except OSError as e:  # e.g. a full disk: reported by the checkpoint save, not masked here
+                    log.warning("TensorBoard events in %s were not all written: %s", self._tb.logdir, e)

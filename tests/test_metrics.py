@@ -184,3 +184,35 @@ def test_writer_is_noop_when_disabled(tmp_path):
     w.write_expert_load(1, np.ones((2, 2)))
     w.close()
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_writer_never_blocks_after_tensorboards_thread_dies_of_a_full_disk(tmp_path):
+    """tensorboardX writes events from a thread that dies on an OSError; with its default
+    10-event queue the next adds blocked forever (a disk-full run hung instead of exiting 3).
+    Oracle: 200 records after the thread died complete within seconds, and close() does not
+    raise over the (simulated) full disk."""
+    import errno
+    import threading
+
+    w = metrics.MetricsWriter(str(tmp_path), enabled=True)
+    events = w._tb._get_file_writer().event_writer
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    events._ev_writer.write_event = full_disk  # what the writer thread calls for each event
+    events._ev_writer.flush = full_disk
+    w.write(1, {"loss": 1.0})
+    events._worker.join(timeout=10)
+    assert not events._worker.is_alive()  # the writer thread is gone, as on a full disk
+    done = threading.Event()
+
+    def keep_logging():
+        for step in range(2, 202):
+            w.write(step, {"loss": 1.0, "lr": 0.1})
+        w.close()
+        done.set()
+
+    threading.Thread(target=keep_logging, daemon=True).start()
+    assert done.wait(timeout=30), "MetricsWriter blocked once TensorBoard's writer thread had died"
+    assert len(open(tmp_path / "metrics.jsonl").read().splitlines()) == 201
