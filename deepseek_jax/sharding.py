@@ -117,11 +117,12 @@ def _fit(spec: P, shape: Sequence[int], mesh: Mesh, name: str) -> P:
     for i, (entry, dim) in enumerate(zip(entries, shape)):
         if dim % _axis_size(mesh, entry):
             names = entry if isinstance(entry, tuple) else (entry,)
-            fits = [names[:k] for k in range(len(names) - 1, 0, -1) if dim % _axis_size(mesh, names[:k]) == 0]
-            entries[i] = (fits[0] if len(fits[0]) > 1 else fits[0][0]) if fits else None
+            prefix = next((names[:k] for k in range(len(names) - 1, 0, -1)
+                           if dim % _axis_size(mesh, names[:k]) == 0), None)
+            entries[i] = None if prefix is None else (prefix if len(prefix) > 1 else prefix[0])
             log.warning("%s: dim %d of shape %s is not divisible by mesh axes %s (%d); %s.", name, i,
                         tuple(shape), entry, _axis_size(mesh, entry),
-                        f"splitting it over {entries[i]}" if fits else "replicating it")
+                        "replicating it" if prefix is None else f"splitting it over {entries[i]}")
     return P(*entries)
 
 
