@@ -15,6 +15,7 @@ _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _AST_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
             ast.Div: operator.truediv}
 _ARITH_PROMPT = re.compile(r"Compute (\d+)([+\-*])(\d+)\.")
+_CHAIN_PROMPT = re.compile(r"Compute (\d+(?:[+\-]\d+){2,})\.")
 _COUNTDOWN_PROMPT = re.compile(r"Use ((?:\d+ )+)to make (\d+)\.")
 _STEP = re.compile(r"(-?\d+)((?:[+\-*]\d+)+)=(-?\d+)")
 
@@ -45,6 +46,9 @@ def _independent_key(problem):
         if op in "+*":
             a, b = min(a, b), max(a, b)
         return ("arithmetic", a, op, b)
+    m = _CHAIN_PROMPT.fullmatch(problem["prompt"])
+    if m:  # a +/- chain is the same problem in any order of its signed terms
+        return ("chain", tuple(sorted(int(t) for t in re.findall(r"[+\-]?\d+", m[1]))))
     m = _COUNTDOWN_PROMPT.fullmatch(problem["prompt"])
     return ("countdown", tuple(sorted(map(int, m[1].split()))), int(m[2]))
 
@@ -67,6 +71,29 @@ def test_arithmetic_answers_and_steps(digits):
                 value = _OPS[sym](value, int(num))
             assert value == int(rhs), step
         assert int(steps[-1].split("=")[-1]) == expected
+
+
+def test_chains_evaluate_left_to_right_with_true_place_value_steps():
+    problems = make_problems("train", 600, seed=4, task="arithmetic", digits=(1, 2), ops="+-", terms=(3, 4))
+    assert collections.Counter(len(re.findall(r"\d+", p["prompt"])) for p in problems).keys() == {3, 4}
+    for p in problems:
+        expression = _CHAIN_PROMPT.fullmatch(p["prompt"])[1]
+        expected = eval(expression)  # the prompt's own text, + and - of integer literals
+        assert p["answer"] == str(expected) and p["target"] == expected
+        steps = [s.strip() for s in p["reasoning"].split(",")]
+        value = int(re.match(r"\d+", expression)[0])
+        for step in steps:  # each step adds one place of the next operand to the running value
+            first, rest, rhs = _STEP.fullmatch(step).groups()
+            assert int(first) == value and len(re.sub(r"0+$", "", rest[1:])) <= 1, step
+            value = _OPS[rest[0]](value, int(rest[1:]))
+            assert value == int(rhs), step
+        assert value == expected
+    # Chains have their own held-out split, closed under reordering the signed terms.
+    heldout = {_independent_key(p) for p in make_problems(
+        "heldout", 300, seed=1, task="arithmetic", digits=1, ops="+-", terms=3)}
+    train = {_independent_key(p) for p in make_problems(
+        "train", 3000, seed=2, task="arithmetic", digits=1, ops="+-", terms=3)}
+    assert heldout and train.isdisjoint(heldout)
 
 
 def test_countdown_solutions_use_each_number_once_and_hit_target():
@@ -157,5 +184,9 @@ def test_bad_options_are_rejected():
         make_problem(0, task="sudoku")
     with pytest.raises(ValueError, match="ops"):
         make_problem(0, ops="/")
+    with pytest.raises(ValueError, match="terms"):
+        make_problem(0, terms=1)
+    with pytest.raises(ValueError, match="ops from '\+-'"):
+        make_problem(0, task="arithmetic", ops="+*", terms=3)
     with pytest.raises(ValueError, match="Countdown needs"):
         make_problem(0, task="countdown", countdown_count=1)

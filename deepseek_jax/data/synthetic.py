@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import random
+import re
 from fractions import Fraction
 from typing import Optional, Union
 
@@ -43,6 +44,7 @@ _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": Fraction
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 DigitRange = Union[int, tuple[int, int]]
+_ARITHMETIC_PROMPT = re.compile(r"Compute (\d+(?:[+\-*]\d+)+)\.")
 
 
 def _as_range(value: DigitRange) -> tuple[int, int]:
@@ -54,18 +56,24 @@ def canonical_key(problem: dict) -> str:
     if problem["task"] == "countdown":
         numbers = ",".join(map(str, sorted(problem["numbers"])))
         return f"countdown:{numbers}->{problem['target']}"
-    a, op, b = problem["operands"] if "operands" in problem else _parse_operands(problem["prompt"])
+    terms = problem["operands"] if "operands" in problem else _parse_operands(problem["prompt"])
+    if len(terms) > 3:
+        # A chain of + and -: the multiset of signed terms (47+38-25 is 38+47-25).
+        signed = sorted([terms[0]] + [b if op == "+" else -b for op, b in zip(terms[1::2], terms[2::2])])
+        return "arithmetic:" + ",".join(map(str, signed))
+    a, op, b = terms
     if op in "+*":
         a, b = sorted((a, b))
     return f"arithmetic:{a}{op}{b}"
 
 
-def _parse_operands(prompt: str) -> tuple[int, str, int]:
-    body = prompt[len("Compute "):-1]
-    for i, ch in enumerate(body[1:], start=1):
-        if ch in "+-*":
-            return int(body[:i]), ch, int(body[i + 1:])
-    raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+def _parse_operands(prompt: str) -> tuple:
+    """"Compute 47+38-25." -> (47, "+", 38, "-", 25)."""
+    match = _ARITHMETIC_PROMPT.fullmatch(prompt)
+    if match is None:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    parts = re.split(r"([+\-*])", match[1])
+    return tuple(part if i % 2 else int(part) for i, part in enumerate(parts))
 
 
 def split_of(problem: dict) -> str:
@@ -92,36 +100,52 @@ def _place_parts(n: int) -> list[int]:
     return list(reversed(parts)) or [0]
 
 
-def _arithmetic_reasoning(a: int, op: str, b: int) -> str:
-    """Place-value steps: add/subtract b's parts one at a time; multiply by each digit
-    of b and sum the partial products (schoolbook long multiplication)."""
-    if op == "*":
+def _arithmetic_reasoning(terms: tuple) -> str:
+    """Place-value steps, left to right: add/subtract each operand's parts one at a time;
+    multiply by each digit of b and sum the partial products (schoolbook long
+    multiplication; two operands only)."""
+    if terms[1] == "*":
+        a, _, b = terms
         parts = list(reversed(_place_parts(b)))  # lowest place first, as on paper
         partials = [a * p for p in parts]
         steps = [f"{a}*{p}={q}" for p, q in zip(parts, partials)]
         if len(partials) > 1:
             steps.append("+".join(map(str, partials)) + f"={sum(partials)}")
         return ", ".join(steps)
-    steps, value = [], a
-    for part in _place_parts(b):
-        new_value = _APPLY[op](value, part)
-        steps.append(f"{value}{op}{part}={new_value}")
-        value = new_value
+    steps, value = [], terms[0]
+    for op, b in zip(terms[1::2], terms[2::2]):
+        for part in _place_parts(b):
+            new_value = _APPLY[op](value, part)
+            steps.append(f"{value}{op}{part}={new_value}")
+            value = new_value
     return ", ".join(steps)
 
 
-def _make_arithmetic(rng: random.Random, digits: tuple[int, int], ops: str) -> dict:
+def _running_values(chain: tuple) -> list[int]:
+    """(47, "+", 38, "-", 25) -> [85, 60]: the value after each operation, left to right."""
+    values, value = [], chain[0]
+    for op, b in zip(chain[1::2], chain[2::2]):
+        value = _APPLY[op](value, b)
+        values.append(value)
+    return values
+
+
+def _make_arithmetic(rng: random.Random, digits: tuple[int, int], ops: str, terms: tuple[int, int]) -> dict:
+    n = terms[0] if terms[0] == terms[1] else rng.randint(*terms)  # fixed: no draw, as before
     a, b = _random_operand(rng, digits), _random_operand(rng, digits)
     op = rng.choice(ops)
-    result = _APPLY[op](a, b)
+    chain = (a, op, b)
+    for _ in range(n - 2):  # more operands: +/- only (checked in make_problem), left to right
+        chain += (rng.choice(ops), _random_operand(rng, digits))
+    result = _running_values(chain)[-1]
     return {
         "task": "arithmetic",
-        "prompt": f"Compute {a}{op}{b}.",
+        "prompt": "Compute " + "".join(map(str, chain)) + ".",
         "answer": str(result),
         "numbers": [],
         "target": result,
-        "reasoning": _arithmetic_reasoning(a, op, b),
-        "operands": (a, op, b),
+        "reasoning": _arithmetic_reasoning(chain),
+        "operands": chain,
     }
 
 
@@ -218,6 +242,8 @@ def make_problem(
     task: str = "mixed",
     digits: DigitRange = (1, 3),
     ops: str = "+-*",
+    terms: DigitRange = 2,
+    value_range: Optional[tuple[int, int]] = None,
     countdown_count: DigitRange = (3, 4),
     max_number: int = 20,
     max_target: int = 200,
@@ -229,6 +255,10 @@ def make_problem(
       task: "arithmetic", "countdown" or "mixed" (each problem picks one, evenly).
       digits: digits per arithmetic operand, an int or an inclusive (min, max) range.
       ops: arithmetic operators to draw from, a subset of "+-*".
+      terms: operands per arithmetic problem, an int or (min, max) range; more than two
+        ("Compute 47+38-25.", evaluated left to right) only with ops from "+-".
+      value_range: (lo, hi), inclusive: arithmetic problems whose running values (after each
+        operation, the answer included) leave it are redrawn. None: no constraint.
       countdown_count: how many numbers a Countdown problem gives, int or (min, max).
       max_number: Countdown numbers are drawn from 1..max_number.
       max_target: Countdown targets are in 1..max_target.
@@ -239,6 +269,12 @@ def make_problem(
         raise ValueError(f"task must be one of {TASKS + ('mixed',)}, got {task!r}")
     if not ops or set(ops) - set("+-*"):
         raise ValueError(f"ops must be a non-empty subset of '+-*', got {ops!r}")
+    n_terms = _as_range(terms)
+    if n_terms[0] < 2 or n_terms[0] > n_terms[1]:
+        raise ValueError(f"terms must be >= 2 operands (an int or a (min, max) range), got {terms!r}")
+    if n_terms[1] > 2 and "*" in ops:
+        raise ValueError(f"terms={terms!r} chains more than two operands, which needs ops from '+-' "
+                         f"(no precedence rules); got ops={ops!r}")
     # A string seed is hashed deterministically by random.Random (version 2).
     count = _as_range(countdown_count)
     if count[0] < 2 or max_number < 1 or max_target < 1:
@@ -250,9 +286,12 @@ def make_problem(
     for _ in range(_MAX_ATTEMPTS):
         kind = rng.choice(TASKS) if task == "mixed" else task
         if kind == "arithmetic":
-            problem = _make_arithmetic(rng, _as_range(digits), ops)
+            problem = _make_arithmetic(rng, _as_range(digits), ops, n_terms)
         else:
             problem = _make_countdown(rng, count, max_number, max_target)
+        if value_range is not None and kind == "arithmetic" and not all(
+                value_range[0] <= v <= value_range[1] for v in _running_values(problem["operands"])):
+            continue
         if split_of(problem) == split:
             problem.pop("operands", None)
             return problem
