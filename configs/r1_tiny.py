@@ -12,18 +12,24 @@ student (that base model fine-tuned on the GRPO policy's rejection-sampled compl
 R1's distillation into smaller dense models). The policy is the tiny V3 architecture
 (MLA + DeepSeekMoE with sigmoid group-limited routing, router bias, MTP).
 
-What RL has to learn here. Half the pretraining records show a worked solution and half
-the answer alone; the cold-start SFT pairs are three quarters answer-only
-(`<think></think><answer>85</answer>`). The SFT policy therefore mostly answers at once
-and is often wrong; worked solutions are right far more often, and GRPO, rewarded only
-for correct, well-formatted answers, learns to think first: completions grow from ~8 to
-~18 tokens and held-out accuracy rises (README), R1-Zero's growing responses in miniature.
+What RL has to learn here. The task is a chain of three operands ("Compute 47+38-25.",
+running values in 0..99), which the tiny policy cannot answer at once but can work through
+in place-value steps ("47+30=77, 77+8=85, 85-20=65, 65-5=60"). Half the pretraining records
+show the worked solution and half the answer alone; the cold-start SFT pairs are three
+quarters answer-only (`<think></think><answer>60</answer>`). The SFT policy therefore
+answers at once and is almost always wrong (held-out ~0.07, greedy), while the same policy
+forced to think first is right ~0.7 of the time. GRPO, rewarded only for correct,
+well-formatted answers, learns to think first within ~10 steps: completions grow from ~7
+to ~27 tokens and held-out accuracy rises by tens of points on every seed and CPU tried
+(README), R1-Zero's growing responses in miniature. With two operands instead (the demo
+before 2026-11-30) answering at once was right 0.5-0.8 of the time depending on the CPU
+(float summation order changes what the tiny model learns), and GRPO's gain with it.
 """
 from deepseek_jax import experiment
 from deepseek_jax.rl import grpo
 
-# Two-digit addition and subtraction: learnable by a tiny model in minutes.
-TASK = dict(task="arithmetic", digits=(1, 2), ops="+-")
+# Three-operand +/- chains with running values in 0..99 (synthetic.make_problem options).
+TASK = dict(task="arithmetic", digits=(1, 2), ops="+-", terms=3, value_range=(0, 99))
 # Share of records rendered without the worked solution (synthetic.shows_reasoning).
 ANSWER_ONLY = {"pretrain": 0.5, "student_pretrain": 0.5, "sft": 0.75}
 STAGES = ("pretrain", "sft", "grpo", "student_pretrain", "student")
@@ -75,7 +81,9 @@ def get_config(arg=None):
         if stage == "student":
             c.data.kind, c.data.path = "jsonl", ""  # the pipeline points it at the rejection samples
     else:  # grpo
-        c.loss, c.total_steps = "grpo", 200
+        # 100 steps: the policy thinks first from ~step 10; held-out accuracy (seed 0) went
+        # 0.08 -> 0.67 (step 50) -> 0.73 (100) -> 0.70 (150) -> 0.76 (200).
+        c.loss, c.total_steps = "grpo", 100
         # Small, warmed-up lr. 1e-4 moves the answer-only vs think-first choice within ~50
         # steps (held-out 0.57 -> 0.70; 0.80 at 200); 3e-4 collapsed earlier policies (0.50 ->
         # 0.18 in 60 steps). On an all-worked corpus of 3-digit +/- (SFT at 0.55), where the
@@ -94,13 +102,13 @@ def get_config(arg=None):
         c.moe.bias_update_rate = 0.0
         c.loss_config.policy_temperature = 0.7
         c.log_every = 5
-        c.eval_every = 50  # held-out accuracy along the run (plotted with the reward curve)
+        c.eval_every = 25  # held-out accuracy along the run (plotted with the reward curve)
         c.grpo = grpo.default_grpo_config()
         c.grpo.task = dict(TASK)
         c.grpo.prompts_per_step = 32
         c.grpo.group_size = 8
-        c.grpo.max_prompt_len = 16
-        c.grpo.max_new_tokens = 40
+        c.grpo.max_prompt_len = 20  # the longest prompt is 18 tokens, bos included
+        c.grpo.max_new_tokens = 48  # the longest worked response is 43, eos included
         c.grpo.temperature = 0.7  # the tiny policy's T=1 samples are mostly wrong
         c.grpo.eval_problems = 500  # binomial standard error ~2.2 points (3.5 at 200)
     return c

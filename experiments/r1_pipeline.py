@@ -123,7 +123,7 @@ def reward_curve(grpo_dir: str, out_png: str, sft_accuracy: float) -> None:
     lines = ax.get_lines() + length_ax.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="upper center",
               bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=2, frameon=False)
-    ax.set_title("GRPO on the tiny V3 policy (2-digit +/-)")
+    ax.set_title("GRPO on the tiny V3 policy (three-operand +/- chains)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
