@@ -6,8 +6,8 @@
 
 The policy is the r1_tiny architecture (MLA + DeepSeekMoE + MTP; configs/r1_tiny.py), trained
 briefly with the pretraining stage's loss (MTP included) unless `--policy` names a workdir.
-The rollout is the demo's GRPO shape: `--prompts` arithmetic problems x G = 8 samples each,
-max_prompt_len 16, max_new_tokens 40, temperature 0.7, stop at EOS. Paths, all in one run:
+The rollout is the demo's GRPO shape (configs/r1_tiny.py:grpo): `--prompts` arithmetic problems x
+G = 8 samples each, its max_prompt_len, max_new_tokens and temperature 0.7, stop at EOS. Paths, all in one run:
 plain (one prefill per row, one token per step), shared prefill (`num_samples=G`), MTP
 speculative (`speculative="mtp"`), and both. tokens/s counts the tokens each run sampled (stop
 tokens included) over its wall time: the fastest of `--repeats` runs, the paths interleaved. `acceptance` is
@@ -31,7 +31,10 @@ import common  # noqa: F401  (puts the repository on sys.path)
 from deepseek_jax import experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-G, MAX_PROMPT, MAX_NEW, TEMPERATURE = 8, 16, 40, 0.7
+DEMO_GRPO = experiment.load_config(str(REPO / "configs/r1_tiny.py:grpo"))
+# The demo's GRPO shape: G = 8, max_prompt_len 20, max_new_tokens 48, temperature 0.7.
+G, MAX_PROMPT, MAX_NEW, TEMPERATURE = (DEMO_GRPO.grpo.group_size, DEMO_GRPO.grpo.max_prompt_len,
+                                       DEMO_GRPO.grpo.max_new_tokens, DEMO_GRPO.grpo.temperature)
 PATHS = {"plain": (None, False), "shared_prefill": (None, True), "mtp": ("mtp", False), "mtp+shared": ("mtp", True)}
 
 
@@ -68,7 +71,7 @@ def load_policy(args):
 def problems(count: int) -> list[dict]:
     from deepseek_jax.rl import grpo
 
-    return grpo.training_problems(experiment.load_config(str(REPO / "configs/r1_tiny.py:grpo")), step=0)[:count]
+    return grpo.training_problems(DEMO_GRPO, step=0)[:count]
 
 
 def run_paths(model, params, prompts, tokenizer, repeats):
