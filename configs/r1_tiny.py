@@ -14,11 +14,11 @@ R1's distillation into smaller dense models). The policy is the tiny V3 architec
 
 What RL has to learn here. The task is a chain of three operands ("Compute 47+38-25.",
 running values in 0..99), which the tiny policy cannot answer at once but can work through
-in place-value steps ("47+30=77, 77+8=85, 85-20=65, 65-5=60"). Half the pretraining records
-show the worked solution and half the answer alone; the cold-start SFT pairs are three
-quarters answer-only (`<think></think><answer>60</answer>`). The SFT policy therefore
+in place-value steps ("47+30=77, 77+8=85, 85-20=65, 65-5=60"). Three quarters of the
+pretraining records show the worked solution and a quarter the answer alone; the cold-start
+SFT pairs are three quarters answer-only (`<think></think><answer>60</answer>`). The SFT policy therefore
 answers at once and is almost always wrong (held-out ~0.07, greedy), while the same policy
-forced to think first is right ~0.7 of the time. GRPO, rewarded only for correct,
+forced to think first is right ~0.9 of the time. GRPO, rewarded only for correct,
 well-formatted answers, learns to think first within ~10 steps: completions grow from ~7
 to ~27 tokens and held-out accuracy rises by tens of points on every seed and CPU tried
 (README), R1-Zero's growing responses in miniature. With two operands instead (the demo
@@ -30,8 +30,11 @@ from deepseek_jax.rl import grpo
 
 # Three-operand +/- chains with running values in 0..99 (synthetic.make_problem options).
 TASK = dict(task="arithmetic", digits=(1, 2), ops="+-", terms=3, value_range=(0, 99))
-# Share of records rendered without the worked solution (synthetic.shows_reasoning).
-ANSWER_ONLY = {"pretrain": 0.5, "student_pretrain": 0.5, "sft": 0.75}
+# Share of records rendered without the worked solution (synthetic.shows_reasoning). A quarter
+# in pretraining: the policy needs the worked steps (answering at once is out of its reach
+# anyway); at half, with 1200 steps, seed 1's policy forced to think first was right 0.25 of
+# the time (seed 0: 0.72), and GRPO gained 10 points instead of 67.
+ANSWER_ONLY = {"pretrain": 0.25, "student_pretrain": 0.25, "sft": 0.75}
 STAGES = ("pretrain", "sft", "grpo", "student_pretrain", "student")
 
 
@@ -69,9 +72,9 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 20
     _student(c) if stage.startswith("student") else _policy(c)
     if stage in ("pretrain", "student_pretrain"):
-        # The policy's 1200 steps: at 600 the pipeline's outcome swung with numerics (held-out
-        # accuracy after SFT 0.30-0.50 across two code versions of the all-worked corpus).
-        c.loss, c.total_steps = "pretrain", 1200 if stage == "pretrain" else 600
+        # The policy's 2000 steps (with a quarter answer-only: seed 1's think-first accuracy 0.91,
+        # from 0.25 at 1200 steps and half answer-only); fewer leave the step arithmetic to chance.
+        c.loss, c.total_steps = "pretrain", 2000 if stage == "pretrain" else 600
         c.optimizer.learning_rate = 3e-3
     elif stage in ("sft", "student"):
         c.loss = "sft"
@@ -81,9 +84,9 @@ def get_config(arg=None):
         if stage == "student":
             c.data.kind, c.data.path = "jsonl", ""  # the pipeline points it at the rejection samples
     else:  # grpo
-        # 100 steps: the policy thinks first from ~step 10; held-out accuracy (seed 0) went
-        # 0.08 -> 0.67 (step 50) -> 0.73 (100) -> 0.70 (150) -> 0.76 (200).
-        c.loss, c.total_steps = "grpo", 100
+        # 50 steps: the policy thinks first from ~step 10 and held-out accuracy is flat after
+        # (seed 1: 0.92 at step 10, 0.93 at 50; a 1200-step seed-0 policy: 0.72 at 25, 0.76 at 200).
+        c.loss, c.total_steps = "grpo", 50
         # Small, warmed-up lr. 1e-4 moves the answer-only vs think-first choice within ~50
         # steps (held-out 0.57 -> 0.70; 0.80 at 200); 3e-4 collapsed earlier policies (0.50 ->
         # 0.18 in 60 steps). On an all-worked corpus of 3-digit +/- (SFT at 0.55), where the
@@ -102,7 +105,7 @@ def get_config(arg=None):
         c.moe.bias_update_rate = 0.0
         c.loss_config.policy_temperature = 0.7
         c.log_every = 5
-        c.eval_every = 25  # held-out accuracy along the run (plotted with the reward curve)
+        c.eval_every = 10  # held-out accuracy along the run (plotted with the reward curve)
         c.grpo = grpo.default_grpo_config()
         c.grpo.task = dict(TASK)
         c.grpo.prompts_per_step = 32
