@@ -13,7 +13,7 @@ test: install
 # The miniature R1 recipe on the embedded arithmetic tasks: pretrain -> cold-start SFT -> GRPO
 # -> rejection sampling -> a dense student; prints the before/after table and writes
 # runs/demo/summary.json and runs/demo/reward_curve.png. Finished stages are skipped on a rerun
-# (rm -rf runs/demo to start over). About 16 minutes on 2 CPU cores.
+# (rm -rf runs/demo to start over). About 19 minutes on 2 CPU cores, the install included.
 demo: install
 	$(PY) experiments/r1_pipeline.py --workdir runs/demo
 
