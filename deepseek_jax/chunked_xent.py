@@ -21,16 +21,20 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.expert_parallel import per_device
+from deepseek_jax.expert_parallel import batch_shards, per_device
 from deepseek_jax.layers import matmul_2d
 
-# Logit elements per row per chunk (float32: 16 MB per row): 32 positions at V3's vocabulary.
-CHUNK_ELEMENTS = 1 << 22
+# Logit elements per chunk over one device's rows (float32: 256 MB): at V3's vocabulary, 519
+# positions of a 4K-token row. Chunking is not free (the backward recomputes the chunk's
+# logits: 4 head matmuls instead of 3, and the scan's bookkeeping), so a head whose logits
+# fit in one chunk runs whole: the bench model's [8 x 256, 32000] step is 1.3x faster on CPU
+# than with 131-position chunks (experiments/benchmarks/RESULTS.md).
+CHUNK_ELEMENTS = 1 << 26
 
 
-def default_chunk(vocab_size: int) -> int:
-    """Time positions per chunk so one row's chunk of logits holds ~CHUNK_ELEMENTS values."""
-    return max(1, CHUNK_ELEMENTS // vocab_size)
+def default_chunk(vocab_size: int, rows: int = 1) -> int:
+    """Time positions per chunk so that `rows` rows' chunk of logits holds <= CHUNK_ELEMENTS values."""
+    return max(1, CHUNK_ELEMENTS // (rows * vocab_size))
 
 
 def head_logits(h_BxTxD: jax.Array, w_DxV: jax.Array, dtype) -> jax.Array:
@@ -52,8 +56,8 @@ def map_head(fn: Callable[..., Any], h_BxTxD: jax.Array, w_DxV: jax.Array, *extr
     """fn(head_logits(h, w), *extras) computed chunk by chunk along T; a pytree of [B, T, ...].
 
     `fn(logits_BxnxV, *extras_Bxn_)` must be position-wise: each output [B, n, ...] entry
-    depends only on its own position's logits and extras. `chunk` (default `default_chunk(V)`)
-    is the number of positions per chunk.
+    depends only on its own position's logits and extras. `chunk` is the number of positions
+    per chunk; by default `default_chunk(V, rows)`, rows being one device's share of B.
 
     Under a mesh each device scans its own rows (`expert_parallel.per_device`) with the whole
     head weight, gathered once per call, and sums its own dW over the chunks; the devices'
@@ -62,7 +66,7 @@ def map_head(fn: Callable[..., Any], h_BxTxD: jax.Array, w_DxV: jax.Array, *extr
     float32) at T = 4096 that is 128 of each per step.
     """
     B, T = h_BxTxD.shape[:2]
-    n = chunk or default_chunk(w_DxV.shape[-1])
+    n = chunk or default_chunk(w_DxV.shape[-1], B // batch_shards(B))
     if n >= T:
         return fn(head_logits(h_BxTxD, w_DxV, dtype), *extras_BxTx_)
     nc = -(-T // n)

@@ -59,6 +59,14 @@ def active_mesh():
     return None if mesh is None or mesh.empty else mesh
 
 
+def batch_shards(leading: int, mesh=None) -> int:
+    """Into how many pieces `per_device` splits a leading dim of size `leading`: the devices
+    of the batch axes (data, fsdp, expert) when they divide it, else 1 (it runs whole)."""
+    mesh = mesh if mesh is not None else active_mesh()
+    dp = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names) if mesh is not None else 1
+    return dp if leading % dp == 0 else 1
+
+
 def per_device(fn, split, shared=(), mesh=None):
     """fn(*split, *shared) run on each device's own tokens: `split` arrays are divided on their
     leading (token or row) dim over the batch axes (data, fsdp, expert), `shared` ones replicated;

@@ -69,6 +69,34 @@ def test_map_head_memory_is_one_chunk():
     assert big <= 1.5 * small, (small, big)
 
 
+
+def test_default_chunk_budgets_one_devices_rows():
+    """A chunk holds <= CHUNK_ELEMENTS logits over the rows one device scans (analytic)."""
+    from deepseek_jax import expert_parallel, sharding
+
+    V3_VOCAB, BENCH_VOCAB = 129280, 32000
+    assert chunked_xent.default_chunk(V3_VOCAB) == (1 << 26) // V3_VOCAB == 519
+    # The bench model's 8 rows x 256 positions fit in one chunk: its head runs unchunked.
+    assert chunked_xent.default_chunk(BENCH_VOCAB, rows=8) == 262
+    assert chunked_xent.default_chunk(10**9) == 1
+    mesh = sharding.make_mesh({"fsdp": 8})
+    assert expert_parallel.batch_shards(16, mesh) == 8
+    assert expert_parallel.batch_shards(12, mesh) == 1  # 8 devices do not divide 12 rows: run whole
+    assert expert_parallel.batch_shards(16, None) == 1
+
+
+def test_logp_logz_hit_against_numpy_with_ties():
+    """log p, log Z against float64 numpy; hit = the target's logit is a maximum (ties count)."""
+    logits = np.array([[[1.0, 3.0, 3.0, -2.0], [0.5, 0.5, 0.5, 0.5], [-np.inf, 2.0, 1.0, 0.0]]], np.float32)
+    targets = np.array([[2, 0, 3]])
+    logp, logz, hit = L._logp_logz_hit(jnp.asarray(logits), jnp.asarray(targets))
+    x = logits.astype(np.float64)
+    want_logz = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    np.testing.assert_allclose(logz, want_logz, rtol=1e-6)
+    np.testing.assert_allclose(logp, np.take_along_axis(x, targets[..., None], -1)[..., 0] - want_logz, rtol=1e-6)
+    np.testing.assert_array_equal(hit, [[1.0, 1.0, 0.0]])
+
+
 CONFIG = ModelConfig(vocab_size=48, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                      num_mtp_layers=1)
@@ -107,8 +135,8 @@ def test_losses_chunked_equal_full_logits(name, params, monkeypatch):
     cfg = {k: v for k, v in cfg.items() if k in {"z_loss"} or name != "pretrain"}
     loss_fn = L.get_loss(name.split("_")[0])
     run = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None, model=model, cfg=cfg), has_aux=True))
-    # Chunked: 3 positions per chunk (T = 10: four chunks, the last one padded).
-    monkeypatch.setattr(chunked_xent, "CHUNK_ELEMENTS", 3 * CONFIG.vocab_size)
+    # Chunked: 3 positions of the B = 4 rows per chunk (T = 10: four chunks, the last one padded).
+    monkeypatch.setattr(chunked_xent, "CHUNK_ELEMENTS", 3 * 4 * CONFIG.vocab_size)
     (loss_c, metrics_c), grads_c = run(params)
     # Oracle: the same objective on materialised [B, T, V] logits (the model's own head).
     forward = L._forward
