@@ -36,6 +36,9 @@ def get_config(arg=None):
     c.loss_config.seq_aux_alpha = 0.0  # dense: no router
     c.compute_dtype = "bfloat16"
     c.remat = "full"
+    # The layers as nn.scan stacks (layer_stack.py): one layer traced per stack, so depth costs
+    # ~nothing to compile; HF import/export and inspect see the per-layer layout.
+    c.model.scan_layers = True
     c.mesh.update(dict(data=1, fsdp=-1, expert=1, tensor=1))
     c.data.seq_len = 4096
     c.data.batch_size = 2304

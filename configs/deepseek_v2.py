@@ -47,7 +47,14 @@ def get_config(arg=None):
                               comm_aux_alpha=0.02))
     c.compute_dtype = "bfloat16"
     c.remat = "full"
+    # The layers as nn.scan stacks (layer_stack.py): one layer traced per stack, so depth costs
+    # ~nothing to compile; HF import/export and inspect see the per-layer layout.
+    c.model.scan_layers = True
     c.mesh.update(dict(data=1, fsdp=-1, expert=8, tensor=1))
+    # ZeRO-3 over the whole mesh, as in configs/deepseek_v3.py: the non-expert weights are
+    # split over fsdp x expert like the routed experts, not replicated 8x over expert.
+    for name in ("embed", "q_lora", "kv_lora"):
+        c.sharding_rules[name] = ("fsdp", "expert")
     c.moe.update(dict(dispatch="capacity", capacity_policy="affinity", capacity_factor=1.0,
                       routing_impl="auto", bias_update_rate=0.0))
     c.data.seq_len = 4096

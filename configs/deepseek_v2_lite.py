@@ -45,6 +45,9 @@ def get_config(arg=None):
     c.loss_config.update(dict(seq_aux_alpha=0.0, expert_aux_alpha=0.001))
     c.compute_dtype = "bfloat16"
     c.remat = "full"
+    # The layers as nn.scan stacks (layer_stack.py): one layer traced per stack, so depth costs
+    # ~nothing to compile; HF import/export and inspect see the per-layer layout.
+    c.model.scan_layers = True
     c.mesh.update(dict(data=1, fsdp=-1, expert=8, tensor=1))
     c.moe.update(dict(dispatch="dropless", capacity_policy="affinity", capacity_factor=1.0,
                       routing_impl="auto", bias_update_rate=0.0))

@@ -48,6 +48,9 @@ def get_config(arg=None):
     c.loss_config.mtp_weight = 0.3
     c.compute_dtype = "bfloat16"
     c.remat = "full"
+    # The layers as nn.scan stacks (layer_stack.py): one layer traced per stack, so depth costs
+    # ~nothing to compile; HF import/export and inspect see the per-layer layout.
+    c.model.scan_layers = True
     c.mesh.update(dict(data=1, fsdp=-1, expert=64, tensor=1))
     # ZeRO-3 over the whole mesh: the non-expert weights (attention incl. MLA's q_b / kv_b
     # projections, shared experts, dense layers, embedding, head) are split over fsdp x expert,

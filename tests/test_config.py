@@ -7,11 +7,12 @@ import dataclasses
 import glob
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
-from deepseek_jax import experiment, sharding
+from deepseek_jax import experiment, layer_stack, sharding
 from deepseek_jax import inspect as ins
 from deepseek_jax.config import ConfigError, ModelConfig
 from deepseek_jax.model import Transformer
@@ -195,8 +196,17 @@ def test_every_config_builds_and_its_model_traces(path):
                 assert out.mtp_logits.shape == (mc.num_mtp_layers, 2, 16, mc.vocab_size)
         else:
             tree = ins.abstract_param_tree(mc)
-            assert sorted(k for k in tree if k.startswith("layers_")) == sorted(
-                f"layers_{i}" for i in range(mc.num_hidden_layers))
+            stacks = layer_stack.stacks(mc)
+            if stacks is None:
+                assert sorted(k for k in tree if k.startswith("layers_")) == sorted(
+                    f"layers_{i}" for i in range(mc.num_hidden_layers))
+                continue
+            # Scanned (the paper configs): one stack per layer kind covering every layer, each
+            # leaf with a leading axis of the stack's layer count.
+            assert not any(k.startswith("layers_") for k in tree)
+            assert sum(st.count for st in stacks) == mc.num_hidden_layers
+            for st in stacks:
+                assert {x.shape[0] for x in jax.tree.leaves(nn.meta.unbox(tree[st.name]))} == {st.count}
 
 
 # Published safetensors shapes (HF [out, in]) of one dense and one MoE layer, and the MTP layer.
@@ -222,7 +232,8 @@ def test_v3_paper_size_shapes_match_the_published_checkpoint():
 
     from deepseek_jax import hf
 
-    mc = experiment.model_config(experiment.load_config(_path("deepseek_v3")))
+    # The published per-layer layout (the config's scanned stacks are restacked on import).
+    mc = experiment.model_config(experiment.load_config(_path("deepseek_v3"))).replace(scan_layers=False)
     tree = jax.tree.map(lambda x: x.shape, hf.abstract_params(mc.replace(num_hidden_layers=4)))
     by_key = {}
     for e in hf.key_map(mc.replace(num_hidden_layers=4)):
