@@ -96,6 +96,18 @@ def _grpo_batch(batch, seed=0):
                 advantages=rng.standard_normal(B).astype(np.float32))
 
 
+
+def _adam_first_moment(opt_state, with_path=False):
+    """AdamW's first moment (optax ScaleByAdamState.mu) of every trained leaf: arrays, or
+    (params key, array) pairs keyed like `jax.tree_util.keystr` of the params' paths."""
+    import optax
+
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    (adam,) = [x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)]
+    if not with_path:
+        return [np.asarray(x) for x in jax.tree.leaves(adam.mu)]
+    return [(jax.tree_util.keystr(k), np.asarray(v)) for k, v in jax.tree_util.tree_leaves_with_path(adam.mu)]
+
 def test_microbatches_equal_one_batch(setup, steps, batches):
     s, batch = setup, batches[0]
     params0 = jax.device_get(s["state0"].params)
@@ -111,8 +123,25 @@ def test_microbatches_equal_one_batch(setup, steps, batches):
         np.testing.assert_array_equal(m["moe/expert_counts"], ref_metrics["moe/expert_counts"])
         assert float(m["tokens"]) == float(np.sum(batch["loss_mask"]))  # summed local counts
     np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    # The gradients themselves: after one step AdamW's first moment is (1 - b1) x the clipped
+    # gradient, so the accumulated and the one-batch moments must agree leaf by leaf.
+    mu4, mu1 = _adam_first_moment(state4.opt_state), _adam_first_moment(state1.opt_state)
+    assert len(mu4) == len(mu1) > 60  # every trained leaf (the router biases are frozen)
+    for a, b in zip(mu4, mu1):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+    # The parameters. AdamW's first step moves a weight by lr x g / (|g| + eps), which turns the
+    # float32 summation noise of a gradient entry near eps (1e-8) into a visible share of lr, and
+    # the accumulation order differs by CPU: entries whose gradient is above that noise must
+    # agree to 1e-5, and none may differ by a step's size.
+    lr = float(s["opt_cfg"].learning_rate)
     for a, b in zip(jax.tree.leaves(state4.params), jax.tree.leaves(state1.params)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a, b, atol=lr, rtol=0)
+    params4 = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(state4.params)}
+    params1 = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(state1.params)}
+    for key, g in _adam_first_moment(state1.opt_state, with_path=True):
+        above_noise = np.abs(g) > 1e-6
+        np.testing.assert_allclose(np.asarray(params4[key])[above_noise], np.asarray(params1[key])[above_noise],
+                                   atol=1e-5, rtol=0)
     assert int(state4.step) == int(state1.step) == 1
     # V3 aux-loss-free rule in NumPy: b += gamma * sign(mean load - load), per MoE layer in
     # MoEStats order (main layers, then the MTP block); the optimizer never moves it.
