@@ -70,9 +70,9 @@ LOSS = LossConfig(mtp_weight=0.0, seq_aux_alpha=1e-4)
 # First step, ours vs HF on the same weights and batch: CE, and the global gradient norm
 # (ours adds the 1e-4 sequence-wise balance loss, a small extra router gradient).
 CE_RTOL, GRAD_RTOL = 2e-3, 2e-2
+BF16_CE_RTOL, BF16_GRAD_RTOL = 2e-2, 1e-1
 # Issue 16's targets: MFU of the same-run, same-dtype matmul peak, and >= 1.0x HF's fastest.
 MFU_TARGETS = {"float32": 0.60, "bfloat16": 0.50}
-BF16_CE_RTOL, BF16_GRAD_RTOL = 2e-2, 1e-1
 
 
 def model_config(quick: bool, dtype: str = "float32") -> ModelConfig:
