@@ -112,6 +112,13 @@ def repeat_rows(cache: KVCache, n: int) -> KVCache:
     return cache.replace(layers=jax.tree.map(rep, cache.layers), valid=rep(cache.valid), index=index)
 
 
+def take_rows(cache: KVCache, rows_B: jax.Array) -> KVCache:
+    """The cache of rows `rows_B` only (a decode batch dropping its finished rows)."""
+    take = lambda x: x[rows_B]  # noqa: E731
+    index = cache.index if jnp.ndim(cache.index) == 0 else take(cache.index)
+    return cache.replace(layers=jax.tree.map(take, cache.layers), valid=take(cache.valid), index=index)
+
+
 def append(cache: KVCache, valid_BxT: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
     """Mark T new slots; returns (cache with valid/index updated, positions [B, T], mask [B, 1, T, S]).
 

@@ -37,8 +37,8 @@ def test_quick_json_run(tmp_path):
 
 
 def test_rollout_quick_json_run(tmp_path):
-    """--rollout --quick: every sampler path runs, greedy rollouts agree across paths (the oracle is
-    the plain sampler), and the JSON has the contract's keys (HF's peer is skipped here: loading
+    """--rollout --quick: every sampler path runs, greedy rollouts agree across paths and sampled ones
+    across the paths without MTP (the oracle is the plain sampler), and the JSON has the contract's keys (HF's peer is skipped here: loading
     transformers alone costs more than the run)."""
     results = tmp_path / "RESULTS.md"
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
@@ -50,7 +50,7 @@ def test_rollout_quick_json_run(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"plain_tokens_per_s", "best_tokens_per_s", "speedup", "acceptance", "greedy_identical",
             "hf_tokens_per_s"} <= set(out)
-    assert out["greedy_identical"] is True and out["hf_tokens_per_s"] is None
-    assert set(out["paths"]) == {"plain", "shared_prefill", "mtp", "mtp+shared"}
+    assert out["greedy_identical"] is True and out["sampled_identical"] is True and out["hf_tokens_per_s"] is None
+    assert set(out["paths"]) == {"plain", "shared_prefill", "compact", "mtp", "shared+compact", "mtp+shared+compact"}
     assert out["best_tokens_per_s"] >= out["plain_tokens_per_s"] > 0 and 0 <= out["acceptance"] <= 1
     assert "## decode.py --rollout, " in results.read_text()

@@ -15,6 +15,7 @@ import pytest
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer, init_params
 from deepseek_jax.rl import sampler as sampler_lib
+from deepseek_jax.rl import sampling
 
 CONFIG = ModelConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
                      kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
@@ -103,27 +104,44 @@ def test_stop_tokens_stop_rows_independently(env):
     assert lengths[0] <= 4
 
 
-def test_filtered_sampling_distribution():
-    """Temperature 0.5, top-k 3, top-p 0.8 on a fixed 5-way distribution vs the closed form."""
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, 3, 0.8), (0.7, 0, 1.0)])
+def test_sampling_distribution(temperature, top_k, top_p):
+    """Temperature, top-k, top-p on a fixed 5-way distribution vs the closed form; (0.7, 0, 1.0)
+    takes the branch that skips the filters."""
     p = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
-    temperature, top_k, top_p = 0.5, 3, 0.8
     q = p ** (1 / temperature)
     order = np.argsort(-q)
     keep = np.zeros(5, bool)
-    keep[order[:top_k]] = True
+    keep[order[:top_k or 5]] = True
     q_k = np.where(keep, q, 0) / np.where(keep, q, 0).sum()
     mass_before = np.cumsum(q_k[order]) - q_k[order]
     nucleus = np.zeros(5, bool)
     nucleus[order[(mass_before < top_p) & keep[order]]] = True
     expected = np.where(nucleus, q, 0) / np.where(nucleus, q, 0).sum()
-    assert nucleus.sum() == 2  # the case exercises both filters
+    assert nucleus.sum() == (2 if top_k else 5)  # the filtered case exercises both filters
 
     n = 40_000
     logits = jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (n, 5))
-    draws = jax.jit(sampler_lib.sample_tokens)(logits, jax.random.key(0), jnp.float32(temperature),
-                                               jnp.int32(top_k), jnp.float32(top_p))
+    keys = sampling.row_keys(jax.random.key(0), 0, jnp.arange(n))
+    draws = jax.jit(sampler_lib.sample_tokens)(logits, keys, jnp.float32(temperature), jnp.int32(top_k),
+                                               jnp.float32(top_p))
     freq = np.bincount(np.asarray(draws), minlength=5) / n
     np.testing.assert_allclose(freq, expected, atol=0.012)  # ~5 sigma at n = 40k
+
+
+def test_draw_never_picks_a_zero_weight():
+    """Inverse-CDF draws: frequencies follow unnormalised weights, and zero-weight entries (a top-k
+    cut, a rejected draft) are never drawn, also where the prefix sums round."""
+    weights = np.array([0.0, 3.0, 0.0, 1e-30, 1.0, 0.0, 2.0, 0.0], np.float32)
+    n = 60_000
+    draws = np.asarray(jax.jit(sampling.draw)(sampling.row_keys(jax.random.key(1), 0, jnp.arange(n)),
+                                              jnp.broadcast_to(jnp.asarray(weights), (n, 8))))
+    freq = np.bincount(draws, minlength=8) / n
+    assert freq[weights == 0].sum() == 0
+    np.testing.assert_allclose(freq, weights / weights.sum(), atol=0.01)
+    # A row of one tiny weight among zeros: the only possible draw.
+    only = jnp.zeros((4, 8)).at[:, 5].set(1e-30)
+    assert (np.asarray(sampling.draw(sampling.row_keys(jax.random.key(2), 0, jnp.arange(4)), only)) == 5).all()
 
 
 def test_bad_prompts_are_rejected(env):

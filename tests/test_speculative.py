@@ -17,6 +17,7 @@ from deepseek_jax import kv_cache
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer, init_params
 from deepseek_jax.rl import sampler as sampler_lib
+from deepseek_jax.rl import sampling
 from deepseek_jax.rl import speculative as spec
 
 MLA = ModelConfig(vocab_size=6, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
@@ -111,6 +112,36 @@ def test_shared_prefill_equals_repeated_prompts():
         np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(repeated.logprobs), atol=1e-5)
         drawn = sampler.generate(params, PROMPTS, jax.random.key(0), temperature=1.0, num_samples=G)
         assert len({tuple(r) for r in np.asarray(drawn.tokens)}) > len(PROMPTS)  # the group's samples differ
+        # Randomness is per row id, so sampling with a shared prefill draws the same tokens too.
+        drawn_repeated = sampler.generate(params, [p for p in PROMPTS for _ in range(G)], jax.random.key(0),
+                                          temperature=1.0)
+        np.testing.assert_array_equal(np.asarray(drawn.tokens), np.asarray(drawn_repeated.tokens))
+
+
+def test_compaction_changes_no_output(monkeypatch):
+    """Dropping finished rows from the decode batch (Sampler(compact=True)) leaves every row's
+    tokens, log-probs, MTP counts and recorded experts as they were, greedy and sampled."""
+    monkeypatch.setattr(sampler_lib, "COMPACT_MIN_ROWS", 2)  # 9 rows: batches of 9, then 5, then 3
+    params = _repeating_mtp(_params(MLA, 6.0))
+    model = Transformer(MLA)
+    for speculative in (None, "mtp"):
+        kw = dict(speculative=speculative, record_experts=speculative is None)
+        full = sampler_lib.Sampler(model, P, N, compact=False, **kw)
+        compact = sampler_lib.Sampler(model, P, N, compact=True, **kw)
+        assert compact._batch_sizes(len(PROMPTS9)) == [9, 5, 3]
+        for temperature in (0.0, 1.0):
+            # The stop token whose first occurrences spread the rows' lengths most.
+            free = np.asarray(full.generate(params, PROMPTS9, jax.random.key(3), temperature=temperature).tokens)
+            first = [np.where((free == v).any(1), (free == v).argmax(1) + 1, N) for v in range(MLA.vocab_size)]
+            gen = dict(temperature=temperature, stop_tokens=[int(np.argmax([np.std(f) for f in first]))])
+            want = full.generate(params, PROMPTS9, jax.random.key(3), **gen)
+            got = compact.generate(params, PROMPTS9, jax.random.key(3), **gen)
+            lengths = np.sort(np.asarray(want.lengths))
+            assert lengths[3] < lengths[-1] - 1, lengths  # 4 rows finished while others ran: compacted
+            for field in ("tokens", "mask", "drafts", "accepted", "expert_ids"):
+                if getattr(want, field) is not None:
+                    np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)))
+            np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
 
 
 @pytest.mark.parametrize("config", [MLA, GQA], ids=["mla", "gqa"])
@@ -203,13 +234,13 @@ def _chi2_pvalue(tokens, want_VxV):
     return stats.chisquare(f_obs[keep], f_exp[keep] * f_obs[keep].sum() / f_exp[keep].sum()).pvalue
 
 
-def _wrong_accept(logits_BxV, draft_B, key, temperature, top_k, top_p, filter_logits):
+def _wrong_accept(logits_BxV, draft_B, keys_B, temperature, top_k, top_p):
     """A classic bug: on rejection, redraw from p itself instead of p with the draft removed."""
-    k_accept, k_residual = jax.random.split(key)
-    filtered = filter_logits(logits_BxV, temperature, top_k, top_p)
-    p_draft = jnp.take_along_axis(jax.nn.softmax(filtered, axis=-1), draft_B[:, None], axis=-1)[:, 0]
-    accepted = jax.random.uniform(k_accept, draft_B.shape) < p_draft
-    return accepted, jnp.where(accepted, draft_B, jax.random.categorical(k_residual, filtered)).astype(jnp.int32)
+    k_accept, k_residual = jnp.moveaxis(jax.vmap(jax.random.split)(keys_B), 1, 0)
+    p = jax.nn.softmax(sampling.filter_logits(logits_BxV, temperature, top_k, top_p), axis=-1)
+    p_draft = jnp.take_along_axis(p, draft_B[:, None], axis=-1)[:, 0]
+    accepted = sampling.uniform(k_accept) < p_draft
+    return accepted, jnp.where(accepted, draft_B, sampling.draw(k_residual, p))
 
 
 _WRONG_SAMPLERS = {}  # traced once with the wrong accept rule (top_k is traced: both cases share it)

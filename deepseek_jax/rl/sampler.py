@@ -14,7 +14,10 @@ default dropless MoE dispatch; capacity dispatch lets padding and other rows tak
 Log-probabilities are the model's log-softmax at temperature 1 over the full vocabulary,
 evaluated at the sampled token, whatever temperature / top-k / top-p drew it: the
 old-policy log-probs GRPO's ratio needs (pi_old(o_t | ...)), not the sampling distribution's.
-Greedy decoding is temperature 0. Sampling is a pure function of (params, prompts, rng).
+Greedy decoding is temperature 0. Sampling is a pure function of (params, prompts, rng), and
+each row's draws come from its own key (rl/sampling.py): a row samples the same tokens whatever
+else is in the batch, so the decode loop drops finished rows (`compact`, on by default: they
+cost nothing once half the batch is done) without changing any output.
 
 `speculative="mtp"`: MTP self-speculative decoding (rl/speculative.py): the same output
 distribution (greedy: the same tokens) in fewer main-model steps. `generate(num_samples=G)`:
@@ -32,9 +35,15 @@ import numpy as np
 
 from deepseek_jax import kv_cache
 from deepseek_jax.model import Transformer
+from deepseek_jax.rl import sampling
 from deepseek_jax.rl import speculative as spec
+from deepseek_jax.rl.sampling import sample_tokens
 
 MAX_STOP_TOKENS = 8  # stop tokens are padded to this many slots so their number never recompiles
+# `compact`: the decode batch halves while the half holds at least this many rows. Below it a
+# step costs about the same whatever the batch (per-op overheads), so a smaller one is one more
+# compiled loop for nothing.
+COMPACT_MIN_ROWS = 16
 
 
 @flax.struct.dataclass
@@ -67,32 +76,6 @@ class SampleOutput:
         return tokens, positions, valid.astype(jnp.int32), completion
 
 
-def filter_logits(logits_BxV: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Logits of the sampling distribution: / temperature, then top-k, then top-p (nucleus).
-
-    top_k <= 0 and top_p >= 1 disable the filters; they are traced values, so changing them
-    never recompiles. Ties at the top-k / top-p boundary are all kept.
-    """
-    V = logits_BxV.shape[-1]
-    scaled = logits_BxV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-    sorted_BxV = jnp.sort(scaled, axis=-1)[:, ::-1]
-    rank_V = jnp.arange(V)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    in_top_k = rank_V[None] < k
-    probs_sorted = jax.nn.softmax(jnp.where(in_top_k, sorted_BxV, -jnp.inf), axis=-1)
-    # Keep a token while the mass of the strictly better ones is below top_p (always the first).
-    mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
-    keep_sorted = in_top_k & (mass_before < top_p)
-    threshold_B = jnp.min(jnp.where(keep_sorted, sorted_BxV, jnp.inf), axis=-1)
-    return jnp.where(scaled >= threshold_B[:, None], scaled, -jnp.inf)
-
-
-def sample_tokens(logits_BxV: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """[B] tokens: argmax when temperature == 0, else a draw from `filter_logits`."""
-    drawn = jax.random.categorical(key, filter_logits(logits_BxV, temperature, top_k, top_p), axis=-1)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits_BxV, axis=-1)).astype(jnp.int32)
-
-
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [B, length] right-aligned, lengths [B]) from a list of token-id lists."""
     out = np.full((len(prompts), length), pad_id, np.int32)
@@ -118,11 +101,13 @@ class Sampler:
     `speculative`: None (one token per step) or "mtp" (rl/speculative.py; needs MTP modules).
     `record_experts`: return each token's expert ids per MoE layer (SampleOutput.expert_ids),
     from the prefill and from the decode step that fed the token, for router replay.
+    `compact`: finished rows stop costing: the decode loop cuts its batch to the unfinished rows
+    (halving, `_decode`); every row's output is unchanged.
     """
 
     def __init__(self, model: Transformer, max_prompt_len: int, max_new_tokens: int, pad_id: int = 0,
                  absorbed: bool = True, cache_dtype=None, vocab_limit: Optional[int] = None,
-                 speculative: Optional[str] = None, record_experts: bool = False):
+                 speculative: Optional[str] = None, record_experts: bool = False, compact: bool = True):
         if max_prompt_len < 1 or max_new_tokens < 1:
             raise ValueError(f"need max_prompt_len >= 1 and max_new_tokens >= 1; got "
                              f"{max_prompt_len}, {max_new_tokens}")
@@ -138,11 +123,19 @@ class Sampler:
             raise ValueError(f"record_experts=True with speculative={speculative!r} is not supported "
                              "(the verify forward's ids are not recorded yet): use speculative=None "
                              "with router replay (grpo.speculative='' with grpo.router_replay=True)")
-        self.record_experts = record_experts
+        self.record_experts, self.compact = record_experts, compact
         self.model, self.pad_id, self.absorbed = model, pad_id, absorbed
         self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
         self.cache_dtype, self.vocab_limit, self.speculative = cache_dtype, vocab_limit, speculative
-        self._generate = jax.jit(self._generate_impl, static_argnames="num_samples")
+        # Prefill, the decode loop and the output are three programs: the loop is compiled once
+        # per batch size and shared by every call that decodes that many rows (GRPO's rollouts of
+        # 32 prompts x 8 samples and its evaluation batches of 256 prompts), and `compact` runs it
+        # once per batch size (`_batch_sizes`). The last loop updates the cache in place (donated);
+        # the others return a smaller one.
+        self._prefill = jax.jit(self._prefill_impl, static_argnames="num_samples")
+        self._phase = jax.jit(self._phase_impl, static_argnames="fits")
+        self._last_phase = jax.jit(functools.partial(self._phase_impl, fits=0), donate_argnames="cache")
+        self._finish = jax.jit(self._finish_impl)
         self._mtp_hits = jax.jit(self._mtp_hits_impl)
 
     def generate(self, params, prompts: Union[Sequence[Sequence[int]], np.ndarray, jax.Array], rng: jax.Array, *,
@@ -167,10 +160,15 @@ class Sampler:
         stop = list(stop_tokens)
         if len(stop) > MAX_STOP_TOKENS:
             raise ValueError(f"{len(stop)} stop tokens; at most {MAX_STOP_TOKENS} (MAX_STOP_TOKENS)")
-        stop_S = jnp.asarray(stop + [-1] * (MAX_STOP_TOKENS - len(stop)), jnp.int32)
-        return self._generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), rng,
-                              jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), stop_S,
-                              num_samples=num_samples)
+        knobs = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k),
+                 jnp.asarray(stop + [-1] * (MAX_STOP_TOKENS - len(stop)), jnp.int32))
+        prompt, (step, cache, rows), result = self._prefill(params, jnp.asarray(tokens, jnp.int32),
+                                                            jnp.asarray(lengths, jnp.int32), rng, knobs,
+                                                            num_samples=num_samples)
+        for fits in self._batch_sizes(tokens.shape[0] * num_samples)[1:]:
+            step, cache, rows, result = self._phase(params, rng, knobs, step, cache, rows, result, fits=fits)
+        step, cache, rows, result = self._last_phase(params, rng, knobs, step, cache, rows, result)
+        return self._finish(prompt, result, knobs[3])
 
     def mtp_draft_acceptance(self, params, greedy: SampleOutput) -> dict:
         """How often the first MTP module drafts the main model's next greedy token.
@@ -201,16 +199,37 @@ class Sampler:
             return logits_BxV
         return jnp.where(jnp.arange(logits_BxV.shape[-1]) < self.vocab_limit, logits_BxV, -jnp.inf)
 
-    def _generate_impl(self, params, prompt_BxP, lengths_B, rng, temperature, top_p, top_k, stop_S, num_samples):
+    def _outputs(self) -> tuple[str, ...]:
+        """The per-row results the decode loop writes back by row id."""
+        return (("tokens", "logprobs") + (("drafts", "accepted") if self.speculative else ())
+                + (("expert_ids",) if self.record_experts else ()))
+
+    def _pick(self, i, logits_BxV, r, rng, knobs):
+        """Samples completion slot i of the rows in `r` (pad_id and log-prob 0 for finished rows)."""
+        temperature, top_p, top_k, stop_S = knobs
+        token_B = sample_tokens(self._allowed(logits_BxV), sampling.row_keys(rng, i, r["row"]), temperature, top_k,
+                                top_p)
+        logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
+        token_B = jnp.where(r["done"], self.pad_id, token_B)
+        return dict(r, token=token_B, done=r["done"] | jnp.isin(token_B, stop_S),
+                    tokens=r["tokens"].at[:, i].set(token_B),
+                    logprobs=r["logprobs"].at[:, i].set(jnp.where(r["done"], 0.0, logp_B)))
+
+    def _prefill_impl(self, params, prompt_BxP, lengths_B, rng, knobs, num_samples):
+        """The prompt through the model, slot 0 sampled -> (prompt, (step, cache, rows), result).
+
+        rows: the decode loop's per-row state, [B, ...] each: "row" (ids), "token" (the last
+        sampled), "done", the outputs, and for speculative decoding MTP's cache and draft.
+        """
         P, N, G = prompt_BxP.shape[1], self.max_new_tokens, num_samples
-        apply = functools.partial(self.model.apply, {"params": params})
         valid_BxP = jnp.arange(P)[None] >= P - lengths_B[:, None]
         # Plain: N - 1 decode steps (the last sampled token is never fed back). Speculative: a
         # row still decoding has m <= P + N - 2 and writes slots m, m + 1; a finished row keeps
         # its index, one slot of slack keeps its (ignored) writes inside the buffer.
         slots = P + N + 1 if self.speculative else P + N - 1
         cache = kv_cache.init_cache(self.model.config, prompt_BxP.shape[0], slots, self.cache_dtype)
-        out, cache = apply(prompt_BxP, segment_ids=valid_BxP.astype(jnp.int32), cache=cache, prefill=True)
+        out, cache = self.model.apply({"params": params}, prompt_BxP, segment_ids=valid_BxP.astype(jnp.int32),
+                                      cache=cache, prefill=True)
         if self.speculative:
             mtp_layer = spec.init_mtp_layer(self.model.config, prompt_BxP.shape[0], slots, self.cache_dtype)
             mtp_layer = spec.mtp_prefill(self.model.config, params, out.hidden, prompt_BxP, valid_BxP, mtp_layer)
@@ -228,116 +247,119 @@ class Sampler:
             if self.speculative:
                 mtp_layer = jax.tree.map(rep, mtp_layer)
         B = prompt_BxP.shape[0]
-
-        def pick(i, logits_BxV, done_B, tokens_BxN, logprobs_BxN):
-            token_B = sample_tokens(self._allowed(logits_BxV), jax.random.fold_in(rng, i), temperature, top_k, top_p)
-            logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
-            token_B = jnp.where(done_B, self.pad_id, token_B)
-            tokens_BxN = tokens_BxN.at[:, i].set(token_B)
-            logprobs_BxN = logprobs_BxN.at[:, i].set(jnp.where(done_B, 0.0, logp_B))
-            done_B = done_B | jnp.isin(token_B, stop_S)
-            return token_B, done_B, tokens_BxN, logprobs_BxN
-
-        done0 = jnp.zeros((B,), bool)
-        tokens0 = jnp.full((B, N), self.pad_id, jnp.int32)
-        first = pick(0, last_logits_BxV, done0, tokens0, jnp.zeros((B, N), jnp.float32))
-        extra = {}
+        rows = self._pick(0, last_logits_BxV, dict(row=jnp.arange(B, dtype=jnp.int32), done=jnp.zeros((B,), bool),
+                                                   tokens=jnp.full((B, N), self.pad_id, jnp.int32),
+                                                   logprobs=jnp.zeros((B, N), jnp.float32)), rng, knobs)
+        if self.record_experts:
+            rows["expert_ids"] = jnp.full((B, N) + prompt_ids.shape[2:], -1, jnp.int32)
         if self.speculative:
-            tokens_BxN, logprobs_BxN, extra = self._speculative_loop(
-                params, cache, mtp_layer, last_hidden_BxD, first, rng, temperature, top_p, top_k, stop_S)
-        else:
-            def cond(state):
-                i, _, _, done_B, _, _, _ = state
-                return (i < N) & ~jnp.all(done_B)
+            cache = kv_cache.per_row(cache)
+            # MTP at the last prompt position (hidden h_{P-1}, token s_P) drafts s_{P+1}; it
+            # overwrites the placeholder mtp_prefill left in that slot.
+            logits, mtp_layer = spec.draft_logits(self.model.config, params, last_hidden_BxD[:, None],
+                                                  rows["token"][:, None], cache, cache.index - 1, cache.lengths - 1,
+                                                  jnp.ones((B, 1), bool), mtp_layer, self.absorbed)
+            n_B = jnp.ones((B,), jnp.int32)  # tokens emitted so far
+            rows.update(mtp_layer=mtp_layer, draft=jnp.argmax(self._allowed(logits[:, 0]), axis=-1).astype(jnp.int32),
+                        n=n_B, done=rows["done"] | (n_B >= N), drafts=jnp.zeros((B,), jnp.int32),
+                        accepted=jnp.zeros((B,), jnp.int32))
+        result = {k: rows[k] for k in self._outputs()}
+        return (prompt_BxP, lengths_B, prompt_ids), (jnp.int32(1), cache, rows), result
 
-            def body(state):
-                i, cache, token_B, done_B, tokens_BxN, logprobs_BxN, ids_BxNxLxK = state
-                out, cache = apply(token_B[:, None], cache=cache, absorbed=self.absorbed)
-                if ids_BxNxLxK is not None:  # the fed token is completion slot i - 1
-                    ids_BxNxLxK = ids_BxNxLxK.at[:, i - 1].set(jnp.moveaxis(out.moe.expert_ids[:, :, 0], 0, 1))
-                return (i + 1, cache) + pick(i, out.logits[:, 0], done_B, tokens_BxN, logprobs_BxN) + (ids_BxNxLxK,)
+    def _batch_sizes(self, B: int) -> list[int]:
+        """The decode loop's batch sizes: B, then halved while the half holds >= COMPACT_MIN_ROWS."""
+        sizes = [B]
+        while self.compact and sizes[-1] >= 2 * COMPACT_MIN_ROWS:
+            sizes.append(-(-sizes[-1] // 2))
+        return sizes
 
-            ids0 = None
-            if self.record_experts:
-                ids0 = jnp.full((B, N) + prompt_ids.shape[2:], -1, jnp.int32)
-            _, _, _, _, tokens_BxN, logprobs_BxN, ids_BxNxLxK = jax.lax.while_loop(
-                cond, body, (jnp.int32(1), cache) + first + (ids0,))
-            if self.record_experts:
-                extra["expert_ids"] = ids_BxNxLxK
+    def _phase_impl(self, params, rng, knobs, step, cache, rows, result, fits):
+        """Decodes until every row is done, step = N, or the unfinished rows fit in `fits` rows;
+        writes the outputs back by row id, then (fits > 0) keeps only `fits` rows, the unfinished
+        first, cache included -> (step, cache, rows, result).
+
+        A finished row only pads the batch, and randomness is per row id (sampling.row_keys),
+        so every row's output is the same as without compaction (greedy: token for token).
+        """
+        body = self._speculative_step if self.speculative else self._plain_step
+
+        def cond(carry):
+            step, _, r = carry
+            return (step < self.max_new_tokens) & (jnp.sum(~r["done"]) > fits)
+
+        step, cache, rows = jax.lax.while_loop(cond, functools.partial(body, params, rng, knobs), (step, cache, rows))
+        result = {k: result[k].at[rows["row"]].set(rows[k]) for k in result}
+        if fits:
+            keep = jnp.argsort(rows["done"], stable=True)[:fits]  # unfinished rows first
+            cache = kv_cache.take_rows(cache, keep)
+            rows = jax.tree.map(lambda x: x[keep], rows)
+        return step, cache, rows, result
+
+    def _plain_step(self, params, rng, knobs, carry):
+        i, cache, r = carry
+        out, cache = self.model.apply({"params": params}, r["token"][:, None], cache=cache, absorbed=self.absorbed)
+        if self.record_experts:  # the fed token is completion slot i - 1
+            r = dict(r, expert_ids=r["expert_ids"].at[:, i - 1].set(jnp.moveaxis(out.moe.expert_ids[:, :, 0], 0, 1)))
+        return i + 1, cache, self._pick(i, out.logits[:, 0], r, rng, knobs)
+
+    def _speculative_step(self, params, rng, knobs, carry):
+        """One verify / accept / roll back / draft step of rl/speculative.py."""
+        c, N = self.model.config, self.max_new_tokens
+        temperature, top_p, top_k, stop_S = knobs
+        step, cache, r = carry
+        token_B, draft_B, done_B, n_B = r["token"], r["draft"], r["done"], r["n"]
+        index_B, lengths_B = cache.index, cache.lengths
+        out, cache = self.model.apply({"params": params}, jnp.stack([token_B, draft_B], axis=1), cache=cache,
+                                      absorbed=self.absorbed)
+        logits_Bx2xV = self._allowed(out.logits)
+        k_accept, k_bonus = jax.random.split(jax.random.fold_in(rng, step))
+        accepted_B, tok1_B = spec.accept_draft(logits_Bx2xV[:, 0], draft_B, sampling.row_keys(k_accept, 0, r["row"]),
+                                               temperature, top_k, top_p)
+        tok2_B = sample_tokens(logits_Bx2xV[:, 1], sampling.row_keys(k_bonus, 0, r["row"]), temperature, top_k, top_p)
+        logp_Bx2xV = jax.nn.log_softmax(out.logits, axis=-1)
+        logp1_B = jnp.take_along_axis(logp_Bx2xV[:, 0], tok1_B[:, None], axis=-1)[:, 0]
+        logp2_B = jnp.take_along_axis(logp_Bx2xV[:, 1], tok2_B[:, None], axis=-1)[:, 0]
+        active_B = ~done_B
+        # The bonus token counts only after an accepted draft that is not a stop token, within N.
+        two_B = active_B & accepted_B & ~jnp.isin(tok1_B, stop_S) & (n_B + 1 < N)
+
+        def emit(buf_BxN, at_B, value_B, on_B):
+            # Out-of-range slots (rows not emitting) are dropped, not clamped onto real ones.
+            return buf_BxN.at[jnp.arange(buf_BxN.shape[0]), jnp.where(on_B, at_B, N)].set(value_B, mode="drop")
+
+        tokens_BxN = emit(emit(r["tokens"], n_B, tok1_B, active_B), n_B + 1, tok2_B, two_B)
+        logprobs_BxN = emit(emit(r["logprobs"], n_B, logp1_B, active_B), n_B + 1, logp2_B, two_B)
+        advance_B = active_B.astype(jnp.int32) + two_B
+        cache = kv_cache.truncate(cache, index_B + advance_B)
+        # MTP on the new positions m (and m + 1): h from the verify forward, the token after each.
+        logits, mtp_layer = spec.draft_logits(c, params, out.hidden, jnp.stack([tok1_B, tok2_B], axis=1), cache,
+                                              index_B, lengths_B, jnp.stack([active_B, two_B], axis=1),
+                                              r["mtp_layer"], self.absorbed)
+        new_draft_B = jnp.argmax(jnp.where(two_B[:, None], self._allowed(logits[:, 1]), self._allowed(logits[:, 0])),
+                                 axis=-1).astype(jnp.int32)
+        last_B = jnp.where(two_B, tok2_B, tok1_B)
+        n_B = n_B + advance_B
+        stopped_B = jnp.isin(last_B, stop_S) | jnp.isin(tok1_B, stop_S)
+        r = dict(r, mtp_layer=mtp_layer, token=jnp.where(active_B, last_B, token_B),
+                 draft=jnp.where(active_B, new_draft_B, draft_B), n=n_B,
+                 done=done_B | (active_B & (stopped_B | (n_B >= N))), tokens=tokens_BxN, logprobs=logprobs_BxN,
+                 drafts=r["drafts"] + active_B, accepted=r["accepted"] + (active_B & accepted_B))
+        return step + 1, cache, r
+
+    def _finish_impl(self, prompt, result, stop_S) -> SampleOutput:
+        prompt_BxP, lengths_B, prompt_ids = prompt
+        N = self.max_new_tokens
+        result = dict(result)
+        tokens_BxN, logprobs_BxN = result.pop("tokens"), result.pop("logprobs")
         # A position is sampled iff no stop token came strictly before it.
         stopped_BxN = jnp.isin(tokens_BxN, stop_S)
         mask_BxN = jnp.cumsum(stopped_BxN, axis=1) - stopped_BxN == 0
         tokens_BxN = jnp.where(mask_BxN, tokens_BxN, self.pad_id)
         if self.record_experts:
-            lengths_N = mask_BxN.sum(axis=1)
-            fed_BxN = jnp.arange(N)[None] < lengths_N[:, None] - 1  # a row's last token is never fed
-            ids_BxNxLxK = jnp.where(fed_BxN[:, :, None, None], extra["expert_ids"], -1)
-            extra["expert_ids"] = jnp.concatenate([prompt_ids, ids_BxNxLxK], axis=1)
+            fed_BxN = jnp.arange(N)[None] < mask_BxN.sum(axis=1)[:, None] - 1  # a row's last token is never fed
+            ids_BxNxLxK = jnp.where(fed_BxN[:, :, None, None], result["expert_ids"], -1)
+            result["expert_ids"] = jnp.concatenate([prompt_ids, ids_BxNxLxK], axis=1)
+        # drafts / accepted (speculative), expert_ids (record_experts)
         return SampleOutput(prompt_tokens=prompt_BxP, prompt_lengths=lengths_B, tokens=tokens_BxN, mask=mask_BxN,
                             lengths=mask_BxN.sum(axis=1, dtype=jnp.int32),
-                            logprobs=jnp.where(mask_BxN, logprobs_BxN, 0.0), **extra)
-
-    def _speculative_loop(self, params, cache, mtp_layer, last_hidden_BxD, first, rng, temperature, top_p, top_k,
-                          stop_S):
-        """The verify / accept / roll back / draft loop of rl/speculative.py -> (tokens, logprobs, counts)."""
-        c, N = self.model.config, self.max_new_tokens
-        token_B, done_B, tokens_BxN, logprobs_BxN = first
-        B = token_B.shape[0]
-        rows_B = jnp.arange(B)
-        cache = kv_cache.per_row(cache)
-        # MTP at the last prompt position (hidden h_{P-1}, token s_P) drafts s_{P+1}; it overwrites
-        # the placeholder mtp_prefill left in that slot.
-        logits, mtp_layer = spec.draft_logits(c, params, last_hidden_BxD[:, None], token_B[:, None], cache,
-                                              cache.index - 1, cache.lengths - 1, jnp.ones((B, 1), bool), mtp_layer,
-                                              self.absorbed)
-        draft_B = jnp.argmax(self._allowed(logits[:, 0]), axis=-1).astype(jnp.int32)
-        n_B = jnp.ones((B,), jnp.int32)  # tokens emitted so far
-        zeros_B = jnp.zeros((B,), jnp.int32)
-
-        def emit(buf_BxN, at_B, value_B, on_B):
-            # Out-of-range slots (rows not emitting) are dropped, not clamped onto real ones.
-            return buf_BxN.at[rows_B, jnp.where(on_B, at_B, N)].set(value_B, mode="drop")
-
-        def cond(state):
-            step, done_B = state[0], state[5]
-            return (step < N) & ~jnp.all(done_B)
-
-        def body(state):
-            step, cache, mtp_layer, token_B, draft_B, done_B, n_B, tokens_BxN, logprobs_BxN, drafts_B, hits_B = state
-            index_B, lengths_B = cache.index, cache.lengths
-            out, cache = self.model.apply({"params": params}, jnp.stack([token_B, draft_B], axis=1), cache=cache,
-                                          absorbed=self.absorbed)
-            logits_Bx2xV = self._allowed(out.logits)
-            k_accept, k_bonus = jax.random.split(jax.random.fold_in(rng, step))
-            accepted_B, tok1_B = spec.accept_draft(logits_Bx2xV[:, 0], draft_B, k_accept, temperature, top_k, top_p,
-                                                   filter_logits)
-            tok2_B = sample_tokens(logits_Bx2xV[:, 1], k_bonus, temperature, top_k, top_p)
-            logp_Bx2xV = jax.nn.log_softmax(out.logits, axis=-1)
-            logp1_B = jnp.take_along_axis(logp_Bx2xV[:, 0], tok1_B[:, None], axis=-1)[:, 0]
-            logp2_B = jnp.take_along_axis(logp_Bx2xV[:, 1], tok2_B[:, None], axis=-1)[:, 0]
-            active_B = ~done_B
-            # The bonus token counts only after an accepted draft that is not a stop token, within N.
-            two_B = active_B & accepted_B & ~jnp.isin(tok1_B, stop_S) & (n_B + 1 < N)
-            tokens_BxN = emit(emit(tokens_BxN, n_B, tok1_B, active_B), n_B + 1, tok2_B, two_B)
-            logprobs_BxN = emit(emit(logprobs_BxN, n_B, logp1_B, active_B), n_B + 1, logp2_B, two_B)
-            advance_B = active_B.astype(jnp.int32) + two_B
-            cache = kv_cache.truncate(cache, index_B + advance_B)
-            # MTP on the new positions m (and m + 1): h from the verify forward, the token after each.
-            logits, mtp_layer = spec.draft_logits(c, params, out.hidden, jnp.stack([tok1_B, tok2_B], axis=1), cache,
-                                                  index_B, lengths_B, jnp.stack([active_B, two_B], axis=1),
-                                                  mtp_layer, self.absorbed)
-            new_draft_B = jnp.argmax(jnp.where(two_B[:, None], self._allowed(logits[:, 1]),
-                                               self._allowed(logits[:, 0])), axis=-1).astype(jnp.int32)
-            last_B = jnp.where(two_B, tok2_B, tok1_B)
-            n_B = n_B + advance_B
-            stopped_B = jnp.isin(last_B, stop_S) | jnp.isin(tok1_B, stop_S)
-            done_B = done_B | (active_B & (stopped_B | (n_B >= N)))
-            return (step + 1, cache, mtp_layer, jnp.where(active_B, last_B, token_B),
-                    jnp.where(active_B, new_draft_B, draft_B), done_B, n_B, tokens_BxN, logprobs_BxN,
-                    drafts_B + active_B, hits_B + (active_B & accepted_B))
-
-        done_B = done_B | (n_B >= N)
-        state = (jnp.int32(1), cache, mtp_layer, token_B, draft_B, done_B, n_B, tokens_BxN, logprobs_BxN,
-                 zeros_B, zeros_B)
-        state = jax.lax.while_loop(cond, body, state)
-        return state[7], state[8], {"drafts": state[9], "accepted": state[10]}
+                            logprobs=jnp.where(mask_BxN, logprobs_BxN, 0.0), **result)

@@ -33,6 +33,7 @@ from deepseek_jax.attention import PrefillMask, attention_mask
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import Dense, Embed, rope_cos_sin
 from deepseek_jax.model import MTPModule, shift_left
+from deepseek_jax.rl.sampling import draw, filter_logits, uniform
 
 
 class MTPDraft(nn.Module):
@@ -86,18 +87,18 @@ def draft_logits(config, params, hidden_BxTxD, next_BxT, cache: kv_cache.KVCache
                                   index_B, absorbed)
 
 
-def accept_draft(logits_BxV, draft_B, key, temperature, top_k, top_p, filter_logits):
+def accept_draft(logits_BxV, draft_B, keys_B, temperature, top_k, top_p):
     """(accepted [B], s_{m+1} [B]): speculative sampling for a point-mass draft (module docstring).
 
     `logits_BxV` are the main model's (vocabulary-limited) logits at position m; greedy when
-    temperature == 0.
+    temperature == 0. Row b's randomness comes from keys_B[b].
     """
-    k_accept, k_residual = jax.random.split(key)
-    filtered_BxV = filter_logits(logits_BxV, temperature, top_k, top_p)
-    p_draft_B = jnp.take_along_axis(jax.nn.softmax(filtered_BxV, axis=-1), draft_B[:, None], axis=-1)[:, 0]
-    accepted_B = jax.random.uniform(k_accept, draft_B.shape) < p_draft_B
+    k_accept_B, k_residual_B = jnp.moveaxis(jax.vmap(jax.random.split)(keys_B), 1, 0)
+    p_BxV = jax.nn.softmax(filter_logits(logits_BxV, temperature, top_k, top_p), axis=-1)
+    p_draft_B = jnp.take_along_axis(p_BxV, draft_B[:, None], axis=-1)[:, 0]
+    accepted_B = uniform(k_accept_B) < p_draft_B
     is_draft_BxV = jnp.arange(logits_BxV.shape[-1])[None] == draft_B[:, None]
-    residual_B = jax.random.categorical(k_residual, jnp.where(is_draft_BxV, -jnp.inf, filtered_BxV), axis=-1)
+    residual_B = draw(k_residual_B, jnp.where(is_draft_BxV, 0.0, p_BxV))  # p without d, renormalised
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     accepted_B = jnp.where(temperature > 0, accepted_B, draft_B == greedy_B)
     token_B = jnp.where(accepted_B, draft_B, jnp.where(temperature > 0, residual_B, greedy_B))

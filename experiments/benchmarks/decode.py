@@ -12,10 +12,10 @@ runs `rl.sampler.Sampler` end to end (prefill + while_loop) and reports rollout 
 The dated decode.py section of experiments/benchmarks/RESULTS.md is replaced (--quick: only
 with --results).
 
-`--rollout` instead times a GRPO-shaped rollout with the plain sampler, shared prefill, MTP
-speculative decoding and both, against HF `generate` (decode_rollout.py); `--json` then prints
+`--rollout` instead times a GRPO-shaped rollout with the plain sampler, shared prefill, finished-row
+compaction, MTP speculative decoding and combinations, against HF `generate` (decode_rollout.py); `--json` then prints
 one object with `plain_tokens_per_s`, `best_tokens_per_s`, `speedup`, `acceptance`,
-`greedy_identical`, `hf_tokens_per_s`.
+`greedy_identical`, `sampled_identical`, `hf_tokens_per_s`.
 """
 from __future__ import annotations
 
@@ -174,12 +174,13 @@ def parse_args(argv):
     parser.add_argument("--rollout", action="store_true", help="GRPO-shaped rollout: sampler paths vs HF generate")
     parser.add_argument("--policy", help="--rollout: a training workdir to load (default: train r1_tiny briefly)")
     parser.add_argument("--train_steps", type=int, default=300, help="--rollout: pretraining steps of the policy")
-    parser.add_argument("--prompts", type=int, help="--rollout: prompts per rollout (default 8; --quick: 2)")
+    parser.add_argument("--prompts", type=int,
+                        help="--rollout: prompts per rollout (default: the demo's GRPO prompts_per_step; --quick: 2)")
     parser.add_argument("--threads", type=int, default=2, help="--rollout: torch threads for HF generate")
     parser.add_argument("--no_hf", action="store_true", help="--rollout: skip the HF generate peer")
     args = parser.parse_args(argv)
     q = args.quick
-    args.prompts = args.prompts or (2 if q else 8)
+    args.prompts = args.prompts or (2 if q else None)
     args.contexts = [int(t) for t in (args.contexts or ("64" if q else "1024,4096")).split(",")]
     args.batch = args.batch or (2 if q else 4)
     args.steps = args.steps or (2 if q else 8)

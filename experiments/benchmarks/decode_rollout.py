@@ -7,12 +7,16 @@
 The policy is the r1_tiny architecture (MLA + DeepSeekMoE + MTP; configs/r1_tiny.py), trained
 briefly with the pretraining stage's loss (MTP included) unless `--policy` names a workdir.
 The rollout is the demo's GRPO shape (configs/r1_tiny.py:grpo): `--prompts` arithmetic problems x
-G = 8 samples each, its max_prompt_len, max_new_tokens and temperature 0.7, stop at EOS. Paths, all in one run:
-plain (one prefill per row, one token per step), shared prefill (`num_samples=G`), MTP
-speculative (`speculative="mtp"`), and both. tokens/s counts the tokens each run sampled (stop
+G = 8 samples each (default: the demo's 32 prompts per step), its max_prompt_len, max_new_tokens and
+temperature 0.7, stop at EOS. Paths, all in one run: plain (one prefill per row, one token per
+step, every row decoded until the last one stops), shared prefill (`num_samples=G`), compaction
+(`Sampler(compact=True)`: finished rows leave the decode batch), MTP speculative
+(`speculative="mtp"`), and combinations. tokens/s counts the tokens each run sampled (stop
 tokens included) over its wall time: the fastest of `--repeats` runs, the paths interleaved. `acceptance` is
 the share of MTP drafts the main model accepted in the sampled speculative rollout;
-`greedy_identical`: greedy rollouts of every path equal the plain one token for token. The peer
+`greedy_identical`: greedy rollouts of every path equal the plain one token for token;
+`sampled_identical`: so do the sampled rollouts of every path without MTP (randomness is per
+row, so sharing the prefill or dropping finished rows changes no draw). The peer
 is transformers' `generate` on the same weights (`hf.save_pretrained`), the same rows (prompts x
 G via num_return_sequences), sampling at the same temperature, KV cache on.
 """
@@ -35,7 +39,10 @@ DEMO_GRPO = experiment.load_config(str(REPO / "configs/r1_tiny.py:grpo"))
 # The demo's GRPO shape: G = 8, max_prompt_len 20, max_new_tokens 48, temperature 0.7.
 G, MAX_PROMPT, MAX_NEW, TEMPERATURE = (DEMO_GRPO.grpo.group_size, DEMO_GRPO.grpo.max_prompt_len,
                                        DEMO_GRPO.grpo.max_new_tokens, DEMO_GRPO.grpo.temperature)
-PATHS = {"plain": (None, False), "shared_prefill": (None, True), "mtp": ("mtp", False), "mtp+shared": ("mtp", True)}
+# name: (speculative, shared prefill, compact)
+PATHS = {"plain": (None, False, False), "shared_prefill": (None, True, False), "compact": (None, False, True),
+         "mtp": ("mtp", False, False), "shared+compact": (None, True, True), "mtp+shared+compact": ("mtp", True, True)}
+MTP_PATH = "mtp+shared+compact"  # the acceptance reported
 
 
 def train_policy(workdir: pathlib.Path, steps: int) -> None:
@@ -81,8 +88,9 @@ def run_paths(model, params, prompts, tokenizer, repeats):
 
     rows, stop = [p for p in prompts for _ in range(G)], [tokenizer.eos_id]
     runs, out = {}, {}
-    for name, (speculative, shared) in PATHS.items():
-        sampler = Sampler(model, MAX_PROMPT, MAX_NEW, pad_id=tokenizer.pad_id, speculative=speculative)
+    for name, (speculative, shared, compact) in PATHS.items():
+        sampler = Sampler(model, MAX_PROMPT, MAX_NEW, pad_id=tokenizer.pad_id, speculative=speculative,
+                          compact=compact)
 
         def run(temperature, key, sampler=sampler, shared=shared):
             kwargs = dict(temperature=temperature, stop_tokens=stop)
@@ -91,9 +99,10 @@ def run_paths(model, params, prompts, tokenizer, repeats):
             return sampler.generate(params, rows, key, **kwargs)
 
         greedy = jax.device_get(run(0.0, jax.random.key(0)))
-        jax.block_until_ready(run(TEMPERATURE, jax.random.key(1)))  # compiled once: temperature is traced
+        sampled = jax.device_get(run(TEMPERATURE, jax.random.key(1)))  # compiled once: temperature is traced
         runs[name] = run
         out[name] = dict(times=[], tokens=[], drafts=0, accepted=0, greedy=np.asarray(greedy.tokens),
+                         sampled=None if speculative else np.asarray(sampled.tokens),
                          greedy_acceptance=(int(greedy.accepted.sum()) / max(int(greedy.drafts.sum()), 1)
                                             if speculative else None))
     for r in range(repeats):
@@ -155,16 +164,20 @@ def hf_generate(model, params, prompts, tokenizer, repeats, threads):
 def bench(args) -> tuple[dict, str]:
     """(the JSON summary, the markdown body for RESULTS.md)."""
     model, params, tokenizer = load_policy(args)
-    prompts = [tokenizer.encode(p["prompt"], add_bos=True) for p in problems(args.prompts)]
+    count = args.prompts or DEMO_GRPO.grpo.prompts_per_step
+    prompts = [tokenizer.encode(p["prompt"], add_bos=True) for p in problems(count)]
     paths = run_paths(model, params, prompts, tokenizer, args.repeats)
-    peer = hf_generate(model, params, prompts, tokenizer, args.repeats, args.threads) if not args.no_hf else None
+    # HF generate is ~50x slower than our paths here: its fastest of 3 runs is plenty.
+    peer = hf_generate(model, params, prompts, tokenizer, min(args.repeats, 3), args.threads) if not args.no_hf else None
     best = max(paths, key=lambda k: paths[k]["tokens_per_s"])
     plain = paths["plain"]["tokens_per_s"]
     summary = {
         "plain_tokens_per_s": plain, "best_tokens_per_s": paths[best]["tokens_per_s"], "best_path": best,
-        "speedup": paths[best]["tokens_per_s"] / plain, "acceptance": paths["mtp+shared"]["acceptance"],
-        "greedy_acceptance": paths["mtp+shared"]["greedy_acceptance"],
+        "speedup": paths[best]["tokens_per_s"] / plain, "acceptance": paths[MTP_PATH]["acceptance"],
+        "greedy_acceptance": paths[MTP_PATH]["greedy_acceptance"],
         "greedy_identical": all(bool(np.array_equal(p["greedy"], paths["plain"]["greedy"])) for p in paths.values()),
+        "sampled_identical": all(bool(np.array_equal(p["sampled"], paths["plain"]["sampled"]))
+                                 for p in paths.values() if p["sampled"] is not None),
         "hf_tokens_per_s": peer["tokens_per_s"] if peer else None,
         "paths": {k: {m: v[m] for m in ("seconds", "tokens", "tokens_per_s", "acceptance")} for k, v in paths.items()},
     }
@@ -178,7 +191,8 @@ def bench(args) -> tuple[dict, str]:
     policy = "untrained tiny (--quick)" if args.quick else (args.policy or f"r1_tiny pretrained {args.train_steps} steps")
     body = (f"{common.machine_line()}\n\nRollout of {len(prompts)} prompts x G={G} (max_prompt_len {MAX_PROMPT}, "
             f"max_new_tokens {MAX_NEW}, temperature {TEMPERATURE}, stop at EOS), policy: {policy}; fastest of "
-            f"{args.repeats} interleaved runs; greedy rollouts identical across paths: {summary['greedy_identical']}; greedy MTP "
+            f"{args.repeats} interleaved runs; greedy rollouts identical across paths: {summary['greedy_identical']}, "
+            f"sampled rollouts of the paths without MTP: {summary['sampled_identical']}; greedy MTP "
             f"acceptance {summary['greedy_acceptance']:.3f}.\nCommand: `python experiments/benchmarks/decode.py "
             f"{' '.join(sys.argv[1:])}`\n\n" + common.markdown_table(header, rows))
     return summary, body
