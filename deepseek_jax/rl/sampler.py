@@ -1,4 +1,4 @@
-"""Batched sampling with a KV cache: one jitted prefill, then a `lax.while_loop` of decode steps.
+"""Batched sampling with a KV cache: a jitted prefill, then `lax.while_loop`s of decode steps.
 
 Dimension legend: B batch (rows), P prompt slots, N new-token slots (max_new_tokens),
 V vocabulary, S stop-token slots.
@@ -16,8 +16,8 @@ evaluated at the sampled token, whatever temperature / top-k / top-p drew it: th
 old-policy log-probs GRPO's ratio needs (pi_old(o_t | ...)), not the sampling distribution's.
 Greedy decoding is temperature 0. Sampling is a pure function of (params, prompts, rng), and
 each row's draws come from its own key (rl/sampling.py): a row samples the same tokens whatever
-else is in the batch, so the decode loop drops finished rows (`compact`, on by default: they
-cost nothing once half the batch is done) without changing any output.
+else is in the batch, so the decode loop drops finished rows without changing any output
+(`compact`, on by default: the batch halves each time half of it has finished).
 
 `speculative="mtp"`: MTP self-speculative decoding (rl/speculative.py): the same output
 distribution (greedy: the same tokens) in fewer main-model steps. `generate(num_samples=G)`:
