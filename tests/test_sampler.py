@@ -2,7 +2,8 @@
 
 Oracles: the training forward (`model.apply` without a cache, positions / segment_ids for the
 left padding) for greedy choices and log-probs; each prompt decoded alone for ragged
-batches; numpy's closed-form filtered distribution for temperature / top-k / top-p.
+batches; numpy's closed-form filtered distribution for temperature / top-k / top-p, and the
+weights themselves for the inverse-CDF draw.
 """
 import dataclasses
 import functools

@@ -1,6 +1,8 @@
-"""MTP self-speculative decoding and shared prefill (rl/speculative.py, Sampler(speculative="mtp")).
+"""MTP self-speculative decoding, shared prefill and finished-row compaction (rl/speculative.py,
+Sampler(speculative="mtp"), Sampler(compact=True)).
 
-Oracles: the plain sampler (greedy tokens); the training forward's MTP logits (the cached MTP
+Oracles: the plain sampler (greedy tokens; the same sampler without compaction, sampled too);
+the training forward's MTP logits (the cached MTP
 drafts); a cache that never saw the rejected draft; the closed-form distribution of the next
 two tokens from full forwards over every prefix (chi-square), which a wrong accept rule fails.
 """
