@@ -186,7 +186,7 @@ def test_bad_options_are_rejected():
         make_problem(0, ops="/")
     with pytest.raises(ValueError, match="terms"):
         make_problem(0, terms=1)
-    with pytest.raises(ValueError, match="ops from '\+-'"):
+    with pytest.raises(ValueError, match=r"ops from '\+-'"):
         make_problem(0, task="arithmetic", ops="+*", terms=3)
     with pytest.raises(ValueError, match="Countdown needs"):
         make_problem(0, task="countdown", countdown_count=1)
