@@ -105,18 +105,20 @@ def truncate(cache: KVCache, index_B: jax.Array) -> KVCache:
     return cache.replace(valid=cache.valid & keep_BxS, index=index_B.astype(jnp.int32))
 
 
+def _map_rows(cache: KVCache, f) -> KVCache:
+    """`f` applied to every per-row array (layers, valid, and a per-row index)."""
+    index = cache.index if jnp.ndim(cache.index) == 0 else f(cache.index)
+    return cache.replace(layers=jax.tree.map(f, cache.layers), valid=f(cache.valid), index=index)
+
+
 def repeat_rows(cache: KVCache, n: int) -> KVCache:
     """Each row repeated n times (row b -> rows b*n .. b*n+n-1): one prefill shared by n samples."""
-    rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
-    index = cache.index if jnp.ndim(cache.index) == 0 else rep(cache.index)
-    return cache.replace(layers=jax.tree.map(rep, cache.layers), valid=rep(cache.valid), index=index)
+    return _map_rows(cache, lambda x: jnp.repeat(x, n, axis=0))
 
 
 def take_rows(cache: KVCache, rows_B: jax.Array) -> KVCache:
     """The cache of rows `rows_B` only (a decode batch dropping its finished rows)."""
-    take = lambda x: x[rows_B]  # noqa: E731
-    index = cache.index if jnp.ndim(cache.index) == 0 else take(cache.index)
-    return cache.replace(layers=jax.tree.map(take, cache.layers), valid=take(cache.valid), index=index)
+    return _map_rows(cache, lambda x: x[rows_B])
 
 
 def append(cache: KVCache, valid_BxT: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:

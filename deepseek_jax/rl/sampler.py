@@ -40,9 +40,9 @@ from deepseek_jax.rl import speculative as spec
 from deepseek_jax.rl.sampling import sample_tokens
 
 MAX_STOP_TOKENS = 8  # stop tokens are padded to this many slots so their number never recompiles
-# `compact`: the decode batch halves while the half holds at least this many rows. Below it a
-# step costs about the same whatever the batch (per-op overheads), so a smaller one is one more
-# compiled loop for nothing.
+# `compact`: the decode batch halves while the half holds at least this many rows. Each batch
+# size is one more compiled loop: on the demo's GRPO rollouts (256 rows, 2-core CPU) stopping at
+# 64 rows instead compiled ~10 s faster and sampled 7% slower; 16 favours long RL runs.
 COMPACT_MIN_ROWS = 16
 
 
@@ -102,7 +102,7 @@ class Sampler:
     `record_experts`: return each token's expert ids per MoE layer (SampleOutput.expert_ids),
     from the prefill and from the decode step that fed the token, for router replay.
     `compact`: finished rows stop costing: the decode loop cuts its batch to the unfinished rows
-    (halving, `_decode`); every row's output is unchanged.
+    (halving, `_phase_impl`); every row's output is unchanged.
     """
 
     def __init__(self, model: Transformer, max_prompt_len: int, max_new_tokens: int, pad_id: int = 0,

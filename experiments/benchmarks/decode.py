@@ -12,10 +12,11 @@ runs `rl.sampler.Sampler` end to end (prefill + while_loop) and reports rollout 
 The dated decode.py section of experiments/benchmarks/RESULTS.md is replaced (--quick: only
 with --results).
 
-`--rollout` instead times a GRPO-shaped rollout with the plain sampler, shared prefill, finished-row
-compaction, MTP speculative decoding and combinations, against HF `generate` (decode_rollout.py); `--json` then prints
-one object with `plain_tokens_per_s`, `best_tokens_per_s`, `speedup`, `acceptance`,
-`greedy_identical`, `sampled_identical`, `hf_tokens_per_s`.
+`--rollout` instead times a GRPO-shaped rollout with the plain sampler, shared prefill,
+finished-row compaction, MTP speculative decoding and combinations, against HF `generate`
+(decode_rollout.py); `--json` then prints one object with `plain_tokens_per_s`,
+`best_tokens_per_s`, `speedup`, `acceptance`, `greedy_identical`, `sampled_identical`,
+`hf_tokens_per_s`.
 """
 from __future__ import annotations
 

@@ -167,8 +167,7 @@ def bench(args) -> tuple[dict, str]:
     count = args.prompts or DEMO_GRPO.grpo.prompts_per_step
     prompts = [tokenizer.encode(p["prompt"], add_bos=True) for p in problems(count)]
     paths = run_paths(model, params, prompts, tokenizer, args.repeats)
-    # HF generate is ~50x slower than our paths here: its fastest of 3 runs is plenty.
-    peer = hf_generate(model, params, prompts, tokenizer, min(args.repeats, 3), args.threads) if not args.no_hf else None
+    peer = hf_generate(model, params, prompts, tokenizer, args.repeats, args.threads) if not args.no_hf else None
     best = max(paths, key=lambda k: paths[k]["tokens_per_s"])
     plain = paths["plain"]["tokens_per_s"]
     summary = {
