@@ -68,11 +68,13 @@ def test_write_section_replaces_its_own_section_and_keeps_others(tmp_path):
     assert "bf16 a" in text and "third a" in text and text.count("## a.py") == 2
 
 
-def test_alternate_interleaves_and_times_every_variant():
+def test_alternate_interleaves_rotates_and_times_every_variant():
     calls = []
-    times = common.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, steps=3, warmup=1)
-    assert calls == ["a", "b"] + ["a", "b"] * 3
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = common.alternate(fns, steps=4, warmup=1)
+    # warm-up in order, then rounds starting at a, b, c, a: no variant always follows the same one
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab" + "abc"
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
 
 
 def test_matmul_peak_is_positive_for_both_dtypes():

@@ -64,18 +64,22 @@ def best_time(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> float:
 
 
 def alternate(fns: Mapping[str, Callable[[], object]], steps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Interleaved timing: warm every variant up, then run step i of A, B, C.. in turn.
+    """Interleaved timing: warm every variant up, then run step i of every variant in turn.
 
-    Each `fns[name]()` runs one step and returns something to block on. Returns the list of
+    Round i starts at the i-th variant (A B C, B C A, C A B, ..): on a shared machine a step
+    runs slower after some other steps than after others (measured here: a train step ~1.5x
+    slower right after a torch step), so no variant always follows the same one. Each
+    `fns[name]()` runs one step and returns something to block on. Returns the list of
     per-step seconds of every variant; take `statistics.median` of each.
     """
     for fn in fns.values():
         for _ in range(warmup):
             block(fn())
-    times = {name: [] for name in fns}
-    for _ in range(max(1, steps)):
-        for name, fn in fns.items():
-            times[name].append(time_once(fn))
+    names = list(fns)
+    times = {name: [] for name in names}
+    for i in range(max(1, steps)):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(time_once(fns[name]))
     return times
 
 

@@ -19,15 +19,19 @@ One step = forward + backward + AdamW update with global-norm clipping at 1.0:
         `eager` (loop over experts) and `grouped_mm` (`config.experts_implementation`,
         transformers/integrations/moe.py), each with and without `torch.compile`; and the
         grouped_mm model under `torch.autocast(bfloat16)`.
-Every variant is warmed up, then the variants take turns, one step each (A, B, C, A, B, ..),
-and the medians are reported. MFU = model FLOPs per step (`deepseek_jax.inspect`: 6 x
+HF runs in a spawned worker process (torch's and XLA's thread pools and allocators never share
+a process, as when users run either). Every variant is warmed up, then the variants take
+turns, one step each (A, B, C, A, B, ..; the other process waits idle), and the medians are
+reported. MFU = model FLOPs per step (`deepseek_jax.inspect`: 6 x
 activated matmul parameters + causal attention) / median step time / the matmul peak
 measured in this run in the same dtype (jax's for ours, torch's for HF).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import pathlib
 import statistics
@@ -190,6 +194,49 @@ def have_hf() -> bool:
     return True
 
 
+def _hf_worker(conn, path: str, hf_list, batch_np: dict, threads: int, warmup: int, n: int, peak_dtypes):
+    """The HF side, in its own process: torch's and XLA's thread pools and allocators never
+    share one (each framework runs as its users run it). Measures torch's matmul peaks, builds
+    and warms every variant, reports them, then runs one step per name received."""
+    peaks = {d: common.torch_matmul_peak_flops(d, n=n) for d in peak_dtypes}
+    runs, info, failed = {}, {}, {}
+    for name, impl, comp, ac in hf_list:
+        try:
+            fn, holder = build_hf(path, impl, comp, ac, batch_np, threads)
+            first_s = common.time_once(fn)
+            for _ in range(warmup - 1):
+                fn()
+        except Exception as e:  # an implementation this torch/transformers lacks: report it
+            failed[name] = f"{type(e).__name__}: {e}"[:200]
+            continue
+        runs[name] = fn
+        info[name] = dict(first_s=first_s, first_ce=holder["first_ce"], first_grad_norm=holder["first_grad_norm"],
+                          dtype="bfloat16" if ac else "float32")
+    conn.send((peaks, info, failed))
+    for name in iter(conn.recv, None):
+        conn.send(common.time_once(runs[name]))
+
+
+class HFWorker:
+    """Runs `_hf_worker` in a spawned process; `step(name)` is one timed HF step there."""
+
+    def __init__(self, path: str, hf_list, batch_np: dict, threads: int, warmup: int, n: int, peak_dtypes):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_hf_worker, daemon=True,
+                                args=(child, path, hf_list, batch_np, threads, warmup, n, peak_dtypes))
+        self.proc.start()
+        self.peaks, self.info, self.failed = self.conn.recv()
+
+    def step(self, name: str) -> float:
+        self.conn.send(name)
+        return self.conn.recv()
+
+    def close(self):
+        self.conn.send(None)
+        self.proc.join(timeout=60)
+
+
 def run(args) -> dict:
     quick = args.quick
     B, T = (QUICK_BATCH, QUICK_SEQ) if quick else (BENCH_BATCH, BENCH_SEQ)
@@ -204,44 +251,41 @@ def run(args) -> dict:
     use_hf = not args.no_hf and have_hf()
     info = common.machine_info()
 
-    # Peaks first, on an idle process (each variant's MFU is divided by its own dtype's peak).
+    # Peaks first, on an idle machine (each variant's MFU is divided by its own dtype's peak).
     n = 1024 if quick else 2048
     peaks = {("jax", d): common.matmul_peak_flops(d, n=n) for d in args.dtypes}
-    variants = {}  # name -> dict(run, holder, dtype, lib)
+    variants, failed = {}, {}  # name -> dict(run, holder, dtype, lib); name -> error
     params0 = model = None
     for d in args.dtypes:
         fn, holder, p0, m = build_ours(model_config(quick, d), batch_np, args.seed)
-        variants[f"ours {d}"] = dict(run=fn, holder=holder, dtype=d, lib="jax")
+        try:  # the first call compiles; its time is reported apart
+            first_s = common.time_once(fn)
+            for _ in range(args.warmup - 1):
+                common.block(fn())
+        except Exception as e:
+            failed[f"ours {d}"] = f"{type(e).__name__}: {e}"[:200]
+            continue
+        variants[f"ours {d}"] = dict(run=fn, holder=holder, dtype=d, lib="jax", first_s=first_s)
         params0, model = (params0, model) if params0 is not None else (p0, m)
-    failed = {}
+    worker = None
     if use_hf:
-        import torch
-
         hf_list = hf_variants(quick, not args.no_compile, "bfloat16" in args.dtypes)
-        peaks[("torch", "float32")] = common.torch_matmul_peak_flops("float32", n=n)
-        if any(v[3] for v in hf_list):
-            peaks[("torch", "bfloat16")] = common.torch_matmul_peak_flops("bfloat16", n=n)
         tmp = tempfile.TemporaryDirectory(prefix="bench_hf_")
         hf.save_pretrained(model, params0, tmp.name)
-        for name, impl, comp, ac in hf_list:
-            try:
-                fn, holder = build_hf(tmp.name, impl, comp, ac, batch_np, args.threads or os.cpu_count())
-            except Exception as e:  # an implementation this torch/transformers lacks: report it
-                failed[name] = f"{type(e).__name__}: {e}"[:200]
-                continue
-            variants[name] = dict(run=fn, holder=holder, dtype="bfloat16" if ac else "float32", lib="torch")
+        # While the worker measures torch's peaks and compiles, this process waits idle.
+        worker = HFWorker(tmp.name, hf_list, batch_np, args.threads or os.cpu_count(), args.warmup, n,
+                          ["float32"] + (["bfloat16"] if any(v[3] for v in hf_list) else []))
+        peaks.update({("torch", d): p for d, p in worker.peaks.items()})
+        failed.update(worker.failed)
+        for name, v in worker.info.items():
+            first = dict(first_ce=v["first_ce"], first_grad_norm=v["first_grad_norm"])
+            variants[name] = dict(run=functools.partial(worker.step, name), holder=first, dtype=v["dtype"],
+                                  lib="torch", first_s=v["first_s"])
 
-    # Warm-up: the first call compiles (jit / torch.compile); its time is reported apart.
-    for name in list(variants):
-        v = variants[name]
-        try:
-            v["first_s"] = common.time_once(v["run"])
-            for _ in range(args.warmup - 1):
-                common.block(v["run"]())
-        except Exception as e:
-            failed[name] = f"{type(e).__name__}: {e}"[:200]
-            del variants[name]
+    # Ours run here, HF's in the worker: step i of every variant in turn, timed here.
     times = common.alternate({k: v["run"] for k, v in variants.items()}, steps=args.steps, warmup=0)
+    if worker is not None:
+        worker.close()
 
     rows = {}
     for name, v in variants.items():
@@ -364,8 +408,8 @@ def main(argv=None):
         print(summary(result))
     if args.results:
         body = (f"Command: `{common.command_line(SCRIPT, argv)}`\n\n{common.machine_line(result['machine'])} "
-                "The machine was shared with other jobs while this ran: compare the ratios (measured in one "
-                "process, steps interleaved), not absolute times across runs.\n\n"
+                "Compare the ratios (measured in one run, steps interleaved; HF in a worker process), "
+                "not absolute times across runs.\n\n"
                 f"{table}\n\n{summary(result)}")
         common.write_section(args.results, SCRIPT, body)
         if not args.json:
