@@ -97,28 +97,33 @@ def enable_compile_cache(path=None) -> str:
     return path
 
 
-# glibc's malloc hands out every buffer above 32 MB as fresh mmap'ed 4 KB pages and unmaps it
-# on free, so each step of a model with large temporaries (the bench model's [2048, 32000]
-# float32 logits and their gradient: 262 MB each) page-faults them in anew: 1.3 M minor faults
-# a second and ~10% of the step. With transparent huge pages (2 MB) the faults drop ~17x.
-# The tunable is read when a process starts, so the script re-executes itself once; torch
-# (HF's side of a comparison) allocates through the same malloc in the same process.
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
+# glibc's malloc hands a buffer above 32 MB out as a fresh mmap and unmaps it on free. XLA:CPU
+# allocates a step's temporaries as one buffer (the bench model's: 1.05 GB), so every step
+# page-faults it in anew: ~10% of the step with 4 KB pages. Transparent huge pages (hugetlb=1)
+# cut the faults ~17x, but each 2 MB fault then needs a free huge page, and once another
+# process has fragmented memory (measured: one torch bf16-autocast step) the kernel compacts
+# memory inside the fault: the bench's bf16 step went from 1.4 s to 2.6 s, almost all of it
+# system time. So malloc also keeps what it frees: one arena (a worker thread's arena would
+# mmap the big buffer regardless), no mmap, no trimming. The step then reuses the same pages
+# and takes no page fault at all after the first. The tunables are read when a process
+# starts, so the script re-executes itself once; HF's worker process inherits them.
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                   "glibc.malloc.trim_threshold=1099511627776")
 
 
-def reexec_with_huge_pages() -> None:
-    """Restart this script (same arguments) with HUGE_PAGES in GLIBC_TUNABLES, unless it is
-    there already or this is not Linux; `huge_pages()` tells the restarted process."""
-    if huge_pages() or sys.platform != "linux":
+def reexec_with_malloc_tunables() -> None:
+    """Restart this script (same arguments) with MALLOC_TUNABLES in GLIBC_TUNABLES, unless it
+    is there already or this is not Linux; `malloc_tuned()` tells the restarted process."""
+    if malloc_tuned() or sys.platform != "linux":
         return
     tunables = os.environ.get("GLIBC_TUNABLES")
-    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
+    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{MALLOC_TUNABLES}" if tunables else MALLOC_TUNABLES
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-def huge_pages() -> bool:
-    return HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "")
+def malloc_tuned() -> bool:
+    return MALLOC_TUNABLES in os.environ.get("GLIBC_TUNABLES", "")
 
 
 # ----- matmul peak ---------------------------------------------------------------------------
@@ -191,7 +196,8 @@ def machine_line(info: Optional[dict] = None) -> str:
     """One markdown line describing the machine, for a RESULTS.md section."""
     i = info or machine_info()
     libs = ", ".join(f"{m} {i[m]}" for m in ("jax", "flax", "optax", "torch", "transformers") if i.get(m))
-    pages = f" GLIBC_TUNABLES={HUGE_PAGES} (transparent huge pages for large buffers)." if huge_pages() else ""
+    pages = (f" GLIBC_TUNABLES={MALLOC_TUNABLES} (huge pages; freed memory kept, no per-step page faults)."
+             if malloc_tuned() else "")
     return (f"Machine: {i['cpus']} CPUs ({i['cpu_model']}), {i['device']} x{i['devices']}; "
             f"Python {i['python']}; {libs}.{pages}")
 

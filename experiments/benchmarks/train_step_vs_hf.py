@@ -379,8 +379,8 @@ def parse_args(argv):
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--results", help=f"markdown file for the section (default {common.RESULTS}; --quick: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_huge_pages", action="store_true", help="keep glibc malloc's 4 KB pages for "
-                   "large buffers (default: restart with common.HUGE_PAGES)")
+    p.add_argument("--default_malloc", action="store_true", help="glibc malloc's defaults (default: restart "
+                   "with common.MALLOC_TUNABLES)")
     args = p.parse_args(argv)
     args.dtypes = (args.dtypes or ("bfloat16" if args.quick else "bfloat16,float32")).split(",")
     args.steps = args.steps or (2 if args.quick else 5)
@@ -394,8 +394,8 @@ def main(argv=None):
     as_script = argv is None  # only a script's own process is restarted
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if as_script and not args.no_huge_pages:
-        common.reexec_with_huge_pages()
+    if as_script and not args.default_malloc:
+        common.reexec_with_malloc_tunables()
     result = run(args)
     table = format_table(result)
     if args.json:
