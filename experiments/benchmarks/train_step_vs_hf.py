@@ -21,10 +21,10 @@ One step = forward + backward + AdamW update with global-norm clipping at 1.0:
         grouped_mm model under `torch.autocast(bfloat16)`.
 HF runs in a spawned worker process (torch's and XLA's thread pools and allocators never share
 a process, as when users run either). Every variant is warmed up, then the variants take
-turns, one step each (A, B, C, A, B, ..; the other process waits idle), and the medians are
-reported. MFU = model FLOPs per step (`deepseek_jax.inspect`: 6 x
-activated matmul parameters + causal attention) / median step time / the matmul peak
-measured in this run in the same dtype (jax's for ours, torch's for HF).
+turns, one step each, each round starting one variant later (A B C, B C A, ..; the other
+process waits idle), and the medians are reported. MFU = model FLOPs per step
+(`deepseek_jax.inspect`: 6 x activated matmul parameters + causal attention) / median step
+time / the matmul peak measured in this run in the same dtype (jax's for ours, torch's for HF).
 """
 from __future__ import annotations
 
