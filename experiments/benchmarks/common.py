@@ -66,9 +66,9 @@ def best_time(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> float:
 def alternate(fns: Mapping[str, Callable[[], object]], steps: int, warmup: int = 1) -> dict[str, list[float]]:
     """Interleaved timing: warm every variant up, then run step i of every variant in turn.
 
-    Round i starts at the i-th variant (A B C, B C A, C A B, ..): on a shared machine a step
-    runs slower after some other steps than after others (measured here: a train step ~1.5x
-    slower right after a torch step), so no variant always follows the same one. Each
+    Round i starts at the i-th variant (A B C, B C A, C A B, ..): a step can run slower after
+    some steps than after others (measured before MALLOC_TUNABLES: our bf16 step ~1.8x slower
+    right after HF's bf16-autocast step), so no variant always follows the same one. Each
     `fns[name]()` runs one step and returns something to block on. Returns the list of
     per-step seconds of every variant; take `statistics.median` of each.
     """

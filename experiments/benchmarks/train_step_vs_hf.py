@@ -194,6 +194,14 @@ def have_hf() -> bool:
     return True
 
 
+def warm_up(fn, steps: int) -> float:
+    """Runs `steps` untimed steps; returns the first one's seconds (it compiles: reported apart)."""
+    first_s = common.time_once(fn)
+    for _ in range(steps - 1):
+        common.block(fn())
+    return first_s
+
+
 def _hf_worker(conn, path: str, hf_list, batch_np: dict, threads: int, warmup: int, n: int, peak_dtypes):
     """The HF side, in its own process: torch's and XLA's thread pools and allocators never
     share one (each framework runs as its users run it). Measures torch's matmul peaks, builds
@@ -203,9 +211,7 @@ def _hf_worker(conn, path: str, hf_list, batch_np: dict, threads: int, warmup: i
     for name, impl, comp, ac in hf_list:
         try:
             fn, holder = build_hf(path, impl, comp, ac, batch_np, threads)
-            first_s = common.time_once(fn)
-            for _ in range(warmup - 1):
-                fn()
+            first_s = warm_up(fn, warmup)
         except Exception as e:  # an implementation this torch/transformers lacks: report it
             failed[name] = f"{type(e).__name__}: {e}"[:200]
             continue
@@ -258,10 +264,8 @@ def run(args) -> dict:
     params0 = model = None
     for d in args.dtypes:
         fn, holder, p0, m = build_ours(model_config(quick, d), batch_np, args.seed)
-        try:  # the first call compiles; its time is reported apart
-            first_s = common.time_once(fn)
-            for _ in range(args.warmup - 1):
-                common.block(fn())
+        try:
+            first_s = warm_up(fn, args.warmup)
         except Exception as e:
             failed[f"ours {d}"] = f"{type(e).__name__}: {e}"[:200]
             continue
