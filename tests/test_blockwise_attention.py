@@ -51,6 +51,26 @@ def test_blockwise_matches_reference_f32(shape):
         assert _rel(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_block_is_the_reference(shape, dtype):
+    """T within one block (the default block is 512): the plain computation, op for op the
+    reference, so forward and gradients agree to rounding in float32 and in bf16."""
+    H, G, K, A, scale = SHAPES[shape]
+    T = 20
+    q, k, v, seg, w = _inputs(2, T, H, G, K, A, dtype=dtype, seed=4)
+    mask = attention_mask(seg, T)
+    ref = lambda q, k, v: _reference(q, k, v, mask, scale)
+    blk = lambda q, k, v: blockwise_attention(q, k, v, scale=scale, segment_ids=seg)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    out = jax.jit(blk)(q, k, v)
+    assert out.dtype == dtype and _rel(jax.jit(ref)(q, k, v), out) <= tol
+    g_ref = jax.jit(jax.grad(lambda *a: jnp.sum(ref(*a).astype(jnp.float32) * w), (0, 1, 2)))(q, k, v)
+    g_blk = jax.jit(jax.grad(lambda *a: jnp.sum(blk(*a).astype(jnp.float32) * w), (0, 1, 2)))(q, k, v)
+    for a, b in zip(g_ref, g_blk):
+        assert _rel(a, b) <= tol
+
+
 def test_blockwise_causal_only_and_dense_mask():
     H, G, K, A, scale = SHAPES["gqa"]
     T = 32
