@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from deepseek_jax import gpu_kernels
 from deepseek_jax.config import ModelConfig, RopeScaling
@@ -36,35 +37,113 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
 def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """jnp.einsum(spec, a, b) accumulated in, and returned as, float32 for any operand dtype.
 
-    Why not just `preferred_element_type=float32`: XLA:CPU has no bf16 x bf16 -> f32 kernel
-    for a dot it leaves unfused ("UNIMPLEMENTED: DotThunk BF16 x BF16 = F32"), and which dots
-    stay unfused depends on shapes and on the surrounding graph (issue 15: bf16 MLA decode and
-    matmul_2d's backward). So when building for CPU the operands are upcast first. That is
-    exact, not an approximation: a product of two bf16 numbers is exact in f32 and the sum is
-    f32 either way, so the result equals bf16 operands with f32 accumulation, and a bf16 model
-    computes the same numbers on CPU as on GPU. On GPU/TPU (`gpu_kernels.target_platform()`,
-    which `plan --platform cuda` sets while lowering on a CPU host) bf16 operands go to the
-    tensor cores / MXU as they are, with f32 accumulation.
+    bf16 operands go through `bf16_matmul` (bf16 GEMMs with float32 accumulation, forward and
+    backward, on every platform) once the einsum is rearranged into a batched [M, K] @ [K, N]:
+    batch dims first, then each side's free dims, then the contracted ones. Other mixes, and
+    the dots XLA:CPU has no bf16 kernel for (a vector side or tiny sizes: YNNPACK declines
+    them and XLA's own DotThunk raises "UNIMPLEMENTED: BF16 x BF16 = F32"), upcast both
+    operands on CPU, which is exact: a product of two bf16 numbers is exact in f32 and the sum
+    is f32 either way.
     """
     f32 = jnp.float32
     if a.dtype == f32 and b.dtype == f32:
         return jnp.einsum(spec, a, b)
+    if a.dtype == b.dtype == jnp.bfloat16:
+        y = _einsum_as_batched_matmul(spec, a, b)
+        if y is not None:
+            return y
     if gpu_kernels.target_platform() == "cpu":
         return jnp.einsum(spec, a.astype(f32), b.astype(f32))
     return jnp.einsum(spec, a, b, preferred_element_type=f32)
 
 
+def _einsum_as_batched_matmul(spec: str, a: jax.Array, b: jax.Array) -> Optional[jax.Array]:
+    """einsum(spec, a, b) as bf16_matmul([batch, M, K], [batch, K, N]); None if it is not one."""
+    ins, out = spec.replace(" ", "").split("->")
+    sa, sb = ins.split(",")
+    if any(len(set(s)) != len(s) for s in (sa, sb, out)) or (set(sa) ^ set(sb)) - set(out):
+        return None  # a repeated index, or one summed over on one side only
+    batch = [c for c in out if c in sa and c in sb]
+    con = [c for c in sa if c in sb and c not in out]
+    m = [c for c in out if c in sa and c not in sb]
+    n = [c for c in out if c in sb and c not in sa]
+    size = {**dict(zip(sa, a.shape)), **dict(zip(sb, b.shape))}
+    B, M, K, N = (math.prod(size[c] for c in dims) for dims in (batch, m, con, n))
+    if gpu_kernels.target_platform() == "cpu" and (M == 1 or N == 1 or max(M, K, N) < 8):
+        return None
+    a_BxMxK = jnp.transpose(a, [sa.index(c) for c in batch + m + con]).reshape(B, M, K)
+    b_BxKxN = jnp.transpose(b, [sb.index(c) for c in batch + con + n]).reshape(B, K, N)
+    y = bf16_matmul(a_BxMxK, b_BxKxN).reshape([size[c] for c in batch + m + n])
+    return jnp.transpose(y, [(batch + m + n).index(c) for c in out])
+
+
 def matmul_2d(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     """x @ kernel contracting x's last `n_in` dims with the kernel's first `n_in`, in float32
-    (operands in x's dtype; see `einsum_f32` for bf16 on CPU).
+    (operands in x's dtype; bf16 ones through `bf16_matmul`).
 
     Both sides are flattened to 2-D first: XLA:CPU lowers a dot with several free (batch, time)
     dims 2x slower than the same GEMM on [B*T, D] (the vocab head: 1.8 s vs 0.8 s fwd+bwd).
     """
     lead, k_in, k_out = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
     K = math.prod(k_in)
-    y = einsum_f32("mk,kn->mn", x.reshape(-1, K), kernel.reshape(K, -1).astype(x.dtype))
+    x_MxK, w_KxN = x.reshape(-1, K), kernel.reshape(K, -1)
+    if x.dtype == jnp.bfloat16:
+        y = bf16_matmul(x_MxK, w_KxN)
+    else:
+        y = einsum_f32("mk,kn->mn", x_MxK, w_KxN.astype(x.dtype))
     return y.reshape(*lead, *k_out)
+
+
+def _row_major(x: jax.Array) -> jax.Array:
+    """x, stored row-major when building for CPU.
+
+    XLA:CPU hands a bf16 x bf16 -> f32 dot to YNNPACK (AMX / AVX512-BF16 kernels: 3-4x its
+    float32 GEMM on a Sapphire Rapids core) only when both operands are row-major [.., M, K] @
+    [.., K, N]; a transposed view (to XLA a layout change, not a copy) makes it upcast both
+    operands and run the float32 GEMM. The constraint makes XLA write such an operand out
+    transposed, one pass over it.
+    """
+    if gpu_kernels.target_platform() != "cpu":
+        return x
+    return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
+
+
+def _bf16_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.matmul(_row_major(a), _row_major(b), preferred_element_type=jnp.float32)
+
+
+def _swap(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+@jax.custom_vjp
+def bf16_matmul(a_xMxK: jax.Array, b_xKxN: jax.Array) -> jax.Array:
+    """a @ b ([M, K] @ [K, N], or batched [B, M, K] @ [B, K, N]) with bf16 operands (b is
+    cast), float32 accumulation and a float32 result.
+
+    The backward rounds the incoming float32 gradient to bf16 and runs both gradient GEMMs
+    with bf16 operands and float32 accumulation too: the usual mixed-precision backward
+    (torch.autocast, Megatron, flash attention's dS), as fast as the forward. Autodiff of the
+    forward dot would instead multiply the float32 gradient with the other operand upcast, a
+    float32 GEMM. da comes back in a's dtype (bf16) and db in b's, unrounded for float32
+    master weights.
+    """
+    return _bf16_dot(a_xMxK, b_xKxN.astype(jnp.bfloat16))
+
+
+def _bf16_matmul_fwd(a_xMxK, b_xKxN):
+    return bf16_matmul(a_xMxK, b_xKxN), (a_xMxK, b_xKxN)
+
+
+def _bf16_matmul_bwd(res, g_xMxN):
+    a_xMxK, b_xKxN = res
+    g_xMxN = g_xMxN.astype(jnp.bfloat16)
+    da = _bf16_dot(g_xMxN, _swap(b_xKxN.astype(jnp.bfloat16)))
+    db = _bf16_dot(_swap(a_xMxK), g_xMxN)
+    return da.astype(a_xMxK.dtype), db.astype(b_xKxN.dtype)
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 class RMSNorm(nn.Module):
