@@ -77,6 +77,17 @@ def test_alternate_interleaves_rotates_and_times_every_variant():
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
 
 
+def test_cpu_model_names_the_bf16_features(tmp_path):
+    """Two CPUs with the same model name differ 4x in bf16 GEMM speed: RESULTS.md says which."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert common.cpu_model(str(info)) == "Intel(R) Xeon(R) Processor (avx512_bf16, amx_bf16)"
+    info.write_text("model name\t: AMD EPYC 9B14\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert common.cpu_model(str(info)) == "AMD EPYC 9B14 (avx512_bf16)"
+    info.write_text("model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx2 avx512f\n")
+    assert common.cpu_model(str(info)) == "Intel(R) Xeon(R) Processor (no native bf16)"
+
+
 def test_matmul_peak_is_positive_for_both_dtypes():
     for dtype in ("float32", "bfloat16"):
         assert common.matmul_peak_flops(dtype, n=128, repeats=2) > 0

@@ -163,15 +163,24 @@ def torch_matmul_peak_flops(dtype="float32", n: int = 2048, repeats: int = 10) -
 
 # ----- machine -------------------------------------------------------------------------------
 
-def _cpu_model() -> str:
+# The CPU features that decide bf16 GEMM speed (same model name, 4x apart in bf16 throughput).
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The model name, plus which of BF16_FEATURES the CPU has."""
+    model, flags = platform.processor() or platform.machine(), set()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return model
+    have = [f for f in BF16_FEATURES if f in flags]
+    return f"{model} ({', '.join(have) if have else 'no native bf16'})"
 
 
 def _version(module: str) -> Optional[str]:
@@ -184,7 +193,7 @@ def _version(module: str) -> Optional[str]:
 def machine_info() -> dict:
     """CPU count and model, accelerator, Python and library versions."""
     dev = jax.devices()[0]
-    info = dict(cpus=os.cpu_count(), cpu_model=_cpu_model(), backend=jax.default_backend(),
+    info = dict(cpus=os.cpu_count(), cpu_model=cpu_model(), backend=jax.default_backend(),
                 device=f"{dev.platform} {dev.device_kind}", devices=jax.device_count(),
                 python=platform.python_version())
     for m in ("jax", "flax", "optax", "torch", "transformers"):
