@@ -214,6 +214,29 @@ def test_token_logprobs_and_entropy():
                                rtol=1e-5)
 
 
+def test_token_logprobs_gradient_is_onehot_minus_softmax():
+    """The custom backward of target_logz_max against the analytic gradient in float64:
+    d/dlogits [a * log p(t) + b * log Z] = a * (onehot(t) - softmax) + b * softmax, with a
+    masked vocabulary entry (-inf logit) and an out-of-range (padding) target clipped to V-1."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 3, V)) * 3
+    targets = rng.integers(0, V, size=(2, 3))
+    masked = (targets[0, 1] + 1) % V
+    logits[0, 1, masked] = -np.inf
+    targets[1, 2] = V + 5
+    a, b = rng.normal(size=(2, 3)), rng.normal(size=(2, 3))
+
+    def objective(lg):
+        logp, logz = L.token_logprobs(lg, jnp.asarray(targets))
+        return jnp.sum(jnp.asarray(a, jnp.float32) * logp + jnp.asarray(b, jnp.float32) * logz)
+
+    got = np.asarray(jax.grad(objective)(jnp.asarray(logits, jnp.float32)))
+    soft = np.exp(log_softmax_np(logits))
+    onehot = np.eye(V)[np.clip(targets, 0, V - 1)]
+    want = a[..., None] * (onehot - soft) + b[..., None] * soft
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got[0, 1, masked] == 0.0
+
 def test_mtp_targets_respect_documents_and_row_end():
     # Row: doc 1 = tokens a b c d, doc 2 = e f g, one padding position.
     seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0]])
