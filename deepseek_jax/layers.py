@@ -109,7 +109,10 @@ def _row_major(x: jax.Array) -> jax.Array:
 
 
 def _bf16_dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.matmul(_row_major(a), _row_major(b), preferred_element_type=jnp.float32)
+    # The result too: a dot whose result is transposed next may otherwise get a column-major
+    # result, which YNNPACK declines after XLA has already decided not to upcast it, and the
+    # dot then fails at run time (DotThunk: "UNIMPLEMENTED: BF16 x BF16 = F32").
+    return _row_major(jnp.matmul(_row_major(a), _row_major(b), preferred_element_type=jnp.float32))
 
 
 def _swap(x: jax.Array) -> jax.Array:

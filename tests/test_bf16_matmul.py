@@ -33,8 +33,8 @@ def test_matmul_2d_bf16_forward_and_gradients():
     x = jnp.asarray(normal(0, (2, 24, 40))).astype(jnp.bfloat16)  # activations, bf16
     w = jnp.asarray(normal(1, (40, 56)))  # float32 master weight
     g = normal(2, (2, 24, 56))  # float32 gradient of the float32 output
-    y, vjp = jax.vjp(lambda x, w: matmul_2d(x, w, 1), x, w)
-    dx, dw = vjp(jnp.asarray(g))
+    y, vjp = jax.vjp(jax.jit(lambda x, w: matmul_2d(x, w, 1)), x, w)
+    dx, dw = jax.jit(vjp)(jnp.asarray(g))
 
     x64, w64, g64 = bf16(x).reshape(48, 40), bf16(w), bf16(g).reshape(48, 56)
     assert y.dtype == jnp.float32 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
@@ -54,6 +54,7 @@ SPECS = [  # (spec, a shape, b shape): the attention, MLA and decode dots of the
     ("bhts,bsc->bthc", (2, 4, 16, 24), (2, 24, 16)),  # MLA latent output
     ("bthc,bsc->bhts", (2, 1, 4, 16), (2, 24, 16)),  # one-token decode: M = H rows
     ("bhts,bsc->bthc", (2, 1, 1, 24), (2, 24, 16)),  # M = 1: upcast (no bf16 kernel takes it)
+    ("mk,nk->nm", (16, 64), (24, 64)),  # the result transposed: it crashed at run time on CPU
 ]
 
 
@@ -61,9 +62,14 @@ SPECS = [  # (spec, a shape, b shape): the attention, MLA and decode dots of the
 def test_einsum_f32_bf16(spec, a_shape, b_shape):
     a = jnp.asarray(normal(0, a_shape)).astype(jnp.bfloat16)
     b = jnp.asarray(normal(1, b_shape)).astype(jnp.bfloat16)
-    y, vjp = jax.vjp(lambda a, b: einsum_f32(spec, a, b), a, b)
-    g = normal(2, y.shape)
-    da, db = vjp(jnp.asarray(g))
+    g = normal(2, jax.eval_shape(lambda a, b: einsum_f32(spec, a, b), a, b).shape)
+
+    @jax.jit  # as in a train step: XLA lays out the whole program (eager dispatch hid a crash)
+    def forward_and_gradients(a, b, g):
+        y, vjp = jax.vjp(lambda a, b: einsum_f32(spec, a, b), a, b)
+        return (y, *vjp(g))
+
+    y, da, db = forward_and_gradients(a, b, jnp.asarray(g))
 
     a64, b64, g64 = bf16(a), bf16(b), bf16(g)
     ins, out = spec.split("->")
