@@ -108,7 +108,11 @@ def _row_major(x: jax.Array) -> jax.Array:
     return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
 
 
-def _bf16_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+def dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b ([.., M, K] @ [.., K, N]) with float32 accumulation and result, no custom gradient
+    (see bf16_matmul); bf16 operands and the result laid out for XLA:CPU's bf16 kernels."""
+    if a.dtype != jnp.bfloat16:
+        return jnp.matmul(a, b, preferred_element_type=jnp.float32)
     # The result too: a dot whose result is transposed next may otherwise get a column-major
     # result, which YNNPACK declines after XLA has already decided not to upcast it, and the
     # dot then fails at run time (DotThunk: "UNIMPLEMENTED: BF16 x BF16 = F32").
@@ -131,7 +135,7 @@ def bf16_matmul(a_xMxK: jax.Array, b_xKxN: jax.Array) -> jax.Array:
     float32 GEMM. da comes back in a's dtype (bf16) and db in b's, unrounded for float32
     master weights.
     """
-    return _bf16_dot(a_xMxK, b_xKxN.astype(jnp.bfloat16))
+    return dot_f32(a_xMxK, b_xKxN.astype(jnp.bfloat16))
 
 
 def _bf16_matmul_fwd(a_xMxK, b_xKxN):
@@ -141,8 +145,8 @@ def _bf16_matmul_fwd(a_xMxK, b_xKxN):
 def _bf16_matmul_bwd(res, g_xMxN):
     a_xMxK, b_xKxN = res
     g_xMxN = g_xMxN.astype(jnp.bfloat16)
-    da = _bf16_dot(g_xMxN, _swap(b_xKxN.astype(jnp.bfloat16)))
-    db = _bf16_dot(_swap(a_xMxK), g_xMxN)
+    da = dot_f32(g_xMxN, _swap(b_xKxN.astype(jnp.bfloat16)))
+    db = dot_f32(_swap(a_xMxK), g_xMxN)
     return da.astype(a_xMxK.dtype), db.astype(b_xKxN.dtype)
 
 
