@@ -150,9 +150,9 @@ def target_logz_max(logits_BxTxV: jax.Array, ids_BxT: jax.Array) -> tuple[jax.Ar
     Two passes over the logits (the max, then the shifted exp-sum). custom_vjp because the
     gradient, g_target * onehot(target) + g_logz * softmax, is then one fused pass that reads
     the logits once and writes their gradient, where autodiff's took four passes over the
-    [B, T, V] float32 array (exp, a product, a scatter-add of the target's term, a convert):
-    ~10% of the bench model's bf16 train step. The max is returned without a gradient: the
-    losses only compare against it (accuracy).
+    [B, T, V] float32 array (exp, a product, a scatter-add of the target's term, a convert;
+    XLA's cost analysis of the bench model's head + CE, fwd + bwd: 3.4 -> 1.9 GB accessed).
+    The max is returned without a gradient: the losses only compare against it (accuracy).
     """
     return _target_logz_max_fwd(logits_BxTxV, ids_BxT)[0]
 
