@@ -83,7 +83,7 @@ def test_einsum_f32_bf16(spec, a_shape, b_shape):
 
 
 def _dot_operand_types(hlo: str) -> list[str]:
-    """The parameter list of every fused computation holding a dot, and of every bare dot."""
+    """The header (name and parameter types) of every computation whose body holds a dot."""
     found = []
     for header, body in re.findall(r"^%?([\w.\-]+ \([^)]*\) -> [^{]*)\{(.*?)^\}", hlo, re.M | re.S):
         if " dot(" in body:

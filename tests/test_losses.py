@@ -237,6 +237,7 @@ def test_token_logprobs_gradient_is_onehot_minus_softmax():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert got[0, 1, masked] == 0.0
 
+
 def test_mtp_targets_respect_documents_and_row_end():
     # Row: doc 1 = tokens a b c d, doc 2 = e f g, one padding position.
     seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0]])
