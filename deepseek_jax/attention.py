@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from deepseek_jax import gpu_kernels, kv_cache
 from deepseek_jax.blockwise_attention import CausalSegmentMask, blockwise_attention, resolve_attention_impl
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import Dense, RMSNorm, apply_rope, constrain, einsum_f32, matmul_2d, softmax_scale
+from deepseek_jax.layers import Dense, cast, RMSNorm, apply_rope, constrain, einsum_f32, matmul_2d, softmax_scale
 
 # MLA's latent norms (q_a_layernorm, kv_a_layernorm) use a fixed eps, whatever rms_norm_eps
 # says: DeepSeek's released code and transformers build them as RMSNorm(rank) with the
@@ -87,8 +87,8 @@ def dot_product_attention(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxA:
     """softmax(q k^T * scale + mask) v with the softmax in float32."""
     logits = einsum_f32("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK) * scale
     logits = jnp.where(mask_Bx1xTxS, logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxHxA.dtype)
-    return einsum_f32("bhts,bsha->btha", probs, v_BxSxHxA).astype(v_BxSxHxA.dtype)
+    probs = cast(jax.nn.softmax(logits, axis=-1), v_BxSxHxA.dtype)
+    return cast(einsum_f32("bhts,bsha->btha", probs, v_BxSxHxA), v_BxSxHxA.dtype)
 
 
 class MHA(nn.Module):
@@ -182,7 +182,7 @@ class MLA(nn.Module):
         c = self.config
         dt = jnp.dtype(c.dtype)
         N = c.qk_nope_head_dim
-        kv = matmul_2d(ckv_BxSxC, self.kv_up_kernel().astype(dt), 1).astype(dt)
+        kv = cast(matmul_2d(ckv_BxSxC, self.kv_up_kernel().astype(dt), 1), dt)
         k_nope, v_BxSxHxA = kv[..., :N], kv[..., N:]
         k_BxSxHx_ = jnp.concatenate(
             [k_nope, jnp.broadcast_to(k_pe_BxSxR[:, :, None, :], k_nope.shape[:3] + (c.qk_rope_head_dim,))], axis=-1)
@@ -244,5 +244,5 @@ class MLA(nn.Module):
                 attend = self.absorbed_attention if absorbed else self.expanded_attention
                 out = attend(q_nope, q_pe, ckv_BxSxC, k_pe_BxSxR, mask)
         out = constrain(out, ("batch", "length", "heads", "head_dim"))
-        y = matmul_2d(out, self.out_kernel().astype(dt), 2).astype(dt)
+        y = cast(matmul_2d(out, self.out_kernel().astype(dt), 2), dt)
         return y if cache is None else (y, cache)

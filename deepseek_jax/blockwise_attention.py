@@ -27,7 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.layers import einsum_f32  # bf16 operands, f32 accumulation, also on XLA:CPU
+from deepseek_jax.layers import cast, einsum_f32  # bf16 operands, f32 accumulation, also on XLA:CPU
 
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "flash")  # flash: GPU only (gpu_kernels.py)
 DEFAULT_BLOCK_Q = 512
@@ -232,8 +232,8 @@ def _one_block(q, k, v, mask, scale):
     B, T, G, J, K = q.shape
     k, v = (jnp.repeat(x, J, axis=2) for x in (k, v)) if J > 1 else (k, v)
     s = einsum_f32("bthk,bshk->bhts", q.reshape(B, T, G * J, K), k) * scale
-    p = jax.nn.softmax(jnp.where(mask[:, :, 0], s, -jnp.inf), axis=-1).astype(v.dtype)
-    return einsum_f32("bhts,bsha->btha", p, v).astype(v.dtype)
+    p = cast(jax.nn.softmax(jnp.where(mask[:, :, 0], s, -jnp.inf), axis=-1), v.dtype)
+    return cast(einsum_f32("bhts,bsha->btha", p, v), v.dtype)
 
 
 def blockwise_attention(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxA: jax.Array, *,

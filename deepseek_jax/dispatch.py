@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from deepseek_jax import gpu_kernels
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import dot_f32
+from deepseek_jax.layers import cast, dot_f32
 
 
 def swiglu(x, w_gate, w_up, w_down, spec_in: str, spec_out: str):
@@ -140,7 +140,7 @@ def _gmm_fwd_impl(x_PxD, w_ExDxF, tile_expert_Nt, n_used, rows: int, transpose_w
         y = dot_f32(xt_RxD, w_DxF.T if transpose_w else w_DxF)
         return jax.lax.dynamic_update_slice_in_dim(out, y, t * rows, 0)
 
-    return _tile_loop(n_used, body, out, x_PxD, w_ExDxF, tile_expert_Nt, n_used).astype(x_PxD.dtype)
+    return cast(_tile_loop(n_used, body, out, x_PxD, w_ExDxF, tile_expert_Nt, n_used), x_PxD.dtype)
 
 
 def _tgmm(x_PxD, g_PxF, tile_expert_Nt, n_used, rows: int, num_experts: int, dtype):

@@ -28,7 +28,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.dispatch import (  # noqa: F401  (re-exported)
     dropless_tile_rows, expert_capacity, expert_ffn, expert_ffn_capacity, expert_ffn_dense,
     expert_ffn_dropless, gmm, grouped_ffn, grouped_impl, permute_rows, tile_layout)
-from deepseek_jax.layers import MLP, constrain, param_with_axes
+from deepseek_jax.layers import MLP, cast, constrain, param_with_axes
 from deepseek_jax.outputs import MoEStats
 from pallas_kernels import routing as routing_lib
 
@@ -146,16 +146,16 @@ class MoE(nn.Module):
 
         # `expert_embed`, not `embed`: the routed experts' model dim is split over fsdp only, as
         # the expert axis already splits them (sharding.DEFAULT_RULES).
-        w_gate = param_with_axes(self, "gate_proj", (E, D, F), ("expert", "expert_embed", "mlp")).astype(dt)
-        w_up = param_with_axes(self, "up_proj", (E, D, F), ("expert", "expert_embed", "mlp")).astype(dt)
-        w_down = param_with_axes(self, "down_proj", (E, F, D), ("expert", "mlp", "expert_embed")).astype(dt)
+        w_gate = cast(param_with_axes(self, "gate_proj", (E, D, F), ("expert", "expert_embed", "mlp")), dt)
+        w_up = cast(param_with_axes(self, "up_proj", (E, D, F), ("expert", "expert_embed", "mlp")), dt)
+        w_down = cast(param_with_axes(self, "down_proj", (E, F, D), ("expert", "mlp", "expert_embed")), dt)
         priority_NxK = None
         if c.moe_dispatch == "capacity" or c.ep_buffer_factor is not None:
             scores_NxE = routing_lib.scores_from_logits(logits_NxE, c.scoring_func)
             priority_NxK = copy_priority(scores_NxE, ids_NxK, valid_BxT, B, T, c)
         routed_NxD, dropped = expert_parallel.routed_experts(
             x_NxD.astype(dt), w_gate, w_up, w_down, weights_NxK, ids_NxK, c, priority_NxK=priority_NxK)
-        y_BxTxD = routed_NxD.reshape(B, T, D).astype(dt)
+        y_BxTxD = cast(routed_NxD.reshape(B, T, D), dt)
         if c.n_shared_experts:
             y_BxTxD = y_BxTxD + MLP(D, F * c.n_shared_experts, dt, name="shared_experts")(x_BxTxD)
         # Per device on its own rows (whole rows: the batch dim is split); the loss sums the

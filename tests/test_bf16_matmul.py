@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.layers import einsum_f32, matmul_2d
+from deepseek_jax.layers import cast, einsum_f32, matmul_2d, to_bf16
 
 BF16_ULP = 2.0 ** -7  # relative spacing of bf16 numbers (8 significant bits)
 
@@ -104,3 +104,41 @@ def test_bf16_dots_stay_bf16_on_cpu():
         params = re.findall(r": (\w+)\[", header.split("->")[0])
         assert params and all(p == "bf16" for p in params), (
             f"a dot was upcast to float32 (operand types {params}): {header}")
+
+
+def _bits_to_f32(bits) -> np.ndarray:
+    return np.asarray(bits, np.uint32).view(np.float32)
+
+
+def test_to_bf16_rounds_like_astype():
+    """layers.to_bf16 (integer ops on the bits) against NumPy's float32 -> bfloat16 (ml_dtypes:
+    round to nearest, ties to even), bit for bit, on the cases a rounding trick gets wrong:
+    ties with an even and an odd last kept bit, a carry into the exponent, the largest
+    finite floats (rounding up to inf), subnormals, signed zeros, infinities and nan."""
+    special = _bits_to_f32([
+        0x3F808000, 0x3F818000,  # ties: 1 + 2^-8 (keeps 1.0), 1 + 3 * 2^-8 (rounds up)
+        0x3F807FFF, 0x3F808001,  # just below / above a tie
+        0x3FFFFFFF, 0x3FFF8000,  # mantissa carry into the exponent
+        0x7F7FFFFF, 0x7F7F7FFF, 0xFF7FFFFF,  # largest floats: to +inf, stays finite, to -inf
+        0x00000001, 0x00008000, 0x00018000, 0x807FFFFF,  # subnormals, a subnormal tie
+        0x00000000, 0x80000000, 0x7F800000, 0xFF800000,  # zeros, infinities
+        0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF,  # quiet, signalling, max-payload nan
+    ])
+    x = np.concatenate([special, normal(3, (4096,)) * np.float32(1e3), normal(4, (512,)) * np.float32(1e-39)])
+    got = np.asarray(jax.jit(to_bf16)(jnp.asarray(x)))
+    with np.errstate(invalid="ignore"):  # signalling nan
+        want = x.astype(jnp.bfloat16)  # ml_dtypes, independent of XLA
+    assert got.dtype == want.dtype
+    nan = np.isnan(want.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+
+
+def test_cast_gradient_is_the_converts():
+    """d cast(x, bf16) / dx is the plain convert: the bf16 cotangent back in float32."""
+    x = jnp.asarray(normal(5, (8, 16)))
+    g = jnp.asarray(normal(6, (8, 16))).astype(jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x: cast(x, jnp.bfloat16), x)
+    (dx,) = vjp(g)
+    assert y.dtype == jnp.bfloat16 and dx.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(g.astype(jnp.float32)))
