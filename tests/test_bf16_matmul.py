@@ -55,6 +55,8 @@ SPECS = [  # (spec, a shape, b shape): the attention, MLA and decode dots of the
     ("bthc,bsc->bhts", (2, 1, 4, 16), (2, 24, 16)),  # one-token decode: M = H rows
     ("bhts,bsc->bthc", (2, 1, 1, 24), (2, 24, 16)),  # M = 1: upcast (no bf16 kernel takes it)
     ("mk,nk->nm", (16, 64), (24, 64)),  # the result transposed: it crashed at run time on CPU
+    ("bmk,bkn->bmn", (2, 64, 64), (2, 64, 4)),  # attention's probs @ v: db as (g^T a)^T
+    ("bmk,bkn->bmn", (2, 4, 64), (2, 64, 64)),  # a wide b: da as (b g^T)^T
 ]
 
 
@@ -92,10 +94,11 @@ def _dot_operand_types(hlo: str) -> list[str]:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dot kernels")
-def test_bf16_dots_stay_bf16_on_cpu():
-    """Forward, dx and dw of a bf16 head-shaped GEMM: three dots, each with bf16 operands."""
-    x = jnp.zeros((64, 32), jnp.bfloat16)
-    w = jnp.zeros((32, 96), jnp.float32)
+@pytest.mark.parametrize("M,K,N", [(64, 32, 96), (64, 64, 4), (4, 64, 64)])  # head-like, dw / dx transposed
+def test_bf16_dots_stay_bf16_on_cpu(M, K, N):
+    """Forward, dx and dw of a bf16 GEMM: three dots, each with bf16 operands."""
+    x = jnp.zeros((M, K), jnp.bfloat16)
+    w = jnp.zeros((K, N), jnp.float32)
     step = jax.jit(jax.value_and_grad(lambda x, w: matmul_2d(x, w, 1).sum(), argnums=(0, 1)))
     hlo = step.lower(x, w).compile().as_text()
     dots = _dot_operand_types(hlo)
