@@ -94,7 +94,7 @@ def matmul_2d(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     return y.reshape(*lead, *k_out)
 
 
-def _row_major(x: jax.Array) -> jax.Array:
+def row_major(x: jax.Array) -> jax.Array:
     """x, stored row-major when building for CPU.
 
     XLA:CPU hands a bf16 x bf16 -> f32 dot to YNNPACK (AMX / AVX512-BF16 kernels: 3-4x its
@@ -116,7 +116,7 @@ def dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
     # The result too: a dot whose result is transposed next may otherwise get a column-major
     # result, which YNNPACK declines after XLA has already decided not to upcast it, and the
     # dot then fails at run time (DotThunk: "UNIMPLEMENTED: BF16 x BF16 = F32").
-    return _row_major(jnp.matmul(_row_major(a), _row_major(b), preferred_element_type=jnp.float32))
+    return row_major(jnp.matmul(row_major(a), row_major(b), preferred_element_type=jnp.float32))
 
 
 def cast(x: jax.Array, dtype) -> jax.Array:
@@ -174,7 +174,7 @@ def _bf16_matmul_bwd(res, g_xMxN):
     a_xMxK, b_xKxN = res
     g_xMxN, b_xKxN16 = cast(g_xMxN, jnp.bfloat16), cast(b_xKxN, jnp.bfloat16)
     # Each gradient GEMM needs one operand transposed, and on CPU a transposed bf16 operand is
-    # a copy (see _row_major), slow for big ones (XLA:CPU's transpose: ~2 ns per element).
+    # a copy (see row_major), slow for big ones (XLA:CPU's transpose: ~2 ns per element).
     # da = g b^T copies b; da^T = b g^T copies g and then the float32 result instead. Take
     # the cheaper in elements moved (a float32 result counts twice): for attention's
     # probs @ v, db = probs^T dO would copy the [T, S] probabilities, db^T = dO^T probs only
