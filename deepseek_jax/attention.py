@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from deepseek_jax import gpu_kernels, kv_cache
 from deepseek_jax.blockwise_attention import CausalSegmentMask, blockwise_attention, resolve_attention_impl
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import Dense, cast, RMSNorm, apply_rope, constrain, einsum_f32, matmul_2d, softmax_scale
+from deepseek_jax.layers import Dense, RMSNorm, apply_rope, cast, constrain, einsum_f32, matmul_2d, softmax_scale
 
 # MLA's latent norms (q_a_layernorm, kv_a_layernorm) use a fixed eps, whatever rms_norm_eps
 # says: DeepSeek's released code and transformers build them as RMSNorm(rank) with the
