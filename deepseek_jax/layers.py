@@ -188,7 +188,7 @@ def _bf16_matmul_bwd(res, g_xMxN):
         db = dot_f32(_swap(a_xMxK), g_xMxN)
     else:
         db = _swap(dot_f32(_swap(g_xMxN), a_xMxK))
-    return cast(da, a_xMxK.dtype), db.astype(b_xKxN.dtype)
+    return cast(da, a_xMxK.dtype), cast(db, b_xKxN.dtype)
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
