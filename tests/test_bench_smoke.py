@@ -105,6 +105,11 @@ def test_train_step_vs_hf_quick_json_and_section(tmp_path):
     assert out["dtype"] == "bfloat16" and out["tokens_per_s"] > 0 and out["mfu"] > 0
     B, T = 2, 32  # the --quick batch
     np.testing.assert_allclose(out["head_flops_share"], 6 * 64 * 512 * B * T / out["flops_per_step"], rtol=1e-9)
+    # MFU is divided by the higher of the peaks measured before and after the timed steps.
+    before, after = out["peaks_before_after"]["jax bfloat16"]
+    assert out["peaks"]["jax bfloat16"] == max(before, after) and min(before, after) > 0
+    np.testing.assert_allclose(out["mfu"] * max(before, after) * B * T / out["tokens_per_s"],
+                               out["flops_per_step"], rtol=1e-9)
     text = results.read_text()
     assert "## train_step_vs_hf.py, " in text and "| ours bfloat16 |" in text
     if _has_hf():
@@ -146,6 +151,8 @@ def test_step_breakdown_quick_json():
     assert {"attention", "MoE router", "MoE experts", "head + CE", "optimizer", "full step"} <= set(parts)
     assert out["tokens_per_s"] > 0 and out["xla_flops"] > 0
     assert parts["forward only (whole model, loss)"] > 0
+    np.testing.assert_allclose(out["mfu"] * max(out["peak_before_after"]) * out["step_s"], out["model_flops"],
+                               rtol=1e-9)
 
 
 def test_gpu_suite_quick_writes_a_checked_section(tmp_path):
