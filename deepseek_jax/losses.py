@@ -470,6 +470,13 @@ def _router_terms(out, model, cfg: LossConfig, rows: jax.Array) -> tuple[jax.Arr
     return total, metrics
 
 
+def _plus_router_terms(loss, metrics: dict, out, model, cfg: LossConfig, rows) -> tuple[jax.Array, dict]:
+    """(loss + the router's balance and z losses, metrics with theirs and the total as "loss")."""
+    router, router_metrics = _router_terms(out, model, cfg, rows)
+    loss = loss + router
+    return loss, {**metrics, **router_metrics, "loss": loss}
+
+
 # ----- objectives ----------------------------------------------------------------------------------
 
 def pretrain_loss(params, batch, rng, *, model, cfg=None):
@@ -499,11 +506,7 @@ def pretrain_loss(params, batch, rng, *, model, cfg=None):
             mtp_sum = mtp_sum - jnp.sum(m * logp_k)
         metrics["mtp_ce"] = mtp_sum / (N * norm["tokens"])
         loss = loss + cfg.mtp_weight * metrics["mtp_ce"]
-    router, router_metrics = _router_terms(out, model, cfg, norm["rows"])
-    metrics.update(router_metrics)
-    loss = loss + router
-    metrics["loss"] = loss
-    return loss, metrics
+    return _plus_router_terms(loss, metrics, out, model, cfg, norm["rows"])
 
 
 def sft_loss(params, batch, rng, *, model, cfg=None):
@@ -539,11 +542,7 @@ def grpo_loss(params, batch, rng, *, model, cfg=None):
                "ratio": token_mean(terms["ratio"]), "clip_frac_low": token_mean(terms["clipped_low"]),
                "clip_frac_high": token_mean(terms["clipped_high"]),
                "entropy": token_mean(entropy), **local}
-    router, router_metrics = _router_terms(out, model, cfg, norm["rows"])
-    metrics.update(router_metrics)
-    loss = loss + router
-    metrics["loss"] = loss
-    return loss, metrics
+    return _plus_router_terms(loss, metrics, out, model, cfg, norm["rows"])
 
 
 def distill_loss(params, batch, rng, *, model, cfg=None):
@@ -574,11 +573,7 @@ def distill_loss(params, batch, rng, *, model, cfg=None):
     ce = -jnp.sum(mask * logp) / norm["denominator"]
     loss = cfg.distill_alpha * kd + (1.0 - cfg.distill_alpha) * ce
     metrics = {"kd": kd, "ce": ce, "accuracy": jnp.sum(mask * hits) / norm["tokens"], **local}
-    router, router_metrics = _router_terms(out, model, cfg, norm["rows"])
-    metrics.update(router_metrics)
-    loss = loss + router
-    metrics["loss"] = loss
-    return loss, metrics
+    return _plus_router_terms(loss, metrics, out, model, cfg, norm["rows"])
 
 
 def dpo_loss(params, batch, rng, *, model, cfg=None):
@@ -607,11 +602,7 @@ def dpo_loss(params, batch, rng, *, model, cfg=None):
                "chosen_reward": mean(jax.lax.stop_gradient(terms["chosen_reward"])),
                "rejected_reward": mean(jax.lax.stop_gradient(terms["rejected_reward"])),
                **local}
-    router, router_metrics = _router_terms(out, model, cfg, norm["rows"])
-    metrics.update(router_metrics)
-    loss = loss + router
-    metrics["loss"] = loss
-    return loss, metrics
+    return _plus_router_terms(loss, metrics, out, model, cfg, norm["rows"])
 
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
